@@ -1,0 +1,1 @@
+"""Hydra configuration shipped with the package (loaded as pkg://convergent.conf)."""

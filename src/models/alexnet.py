@@ -1,0 +1,229 @@
+"""AlexNet variants with named post-ReLU taps.
+
+Both variants have the paper's topology and layer names: conv1..conv5, fc6, fc7, fc8.
+Each layer is a `Stage`: ``pre`` (conv or linear, optional batch norm, ReLU) and ``post``
+(LRN, max-pool, dropout). The tap of a layer is the output of ``pre``: the post-ReLU activation
+before pooling, LRN and dropout (the paper's convention). fc8 has no ReLU: its tap is the logits.
+
+    model = AlexNet.small(num_classes=10, in_channels=1, input_size=28)
+    logits = model(x)
+    logits, taps = model(x, taps=["conv1", "fc6"])   # taps["conv1"]: [N, C, H, W]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+CONV_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5")
+FC_LAYERS = ("fc6", "fc7", "fc8")
+LAYERS = CONV_LAYERS + FC_LAYERS
+LRN_CHOICES = ("none", "before_pool", "after_pool")
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    """One conv layer: its width and geometry, and the max-pool that follows it (if any)."""
+
+    out: int
+    kernel: int
+    stride: int = 1
+    padding: int = 0
+    grouped: bool = False  # split in `groups` when the net is built with groups=2
+    pool: bool = False  # max-pool 3/2 after the ReLU
+    lrn: bool = False  # local response normalisation (conv1, conv2)
+
+
+# ImageNet AlexNet in Caffe's CaffeNet order (227 or 224 px input).
+ALEXNET_CONVS = (
+    ConvSpec(96, 11, stride=4, pool=True, lrn=True),
+    ConvSpec(256, 5, padding=2, grouped=True, pool=True, lrn=True),
+    ConvSpec(384, 3, padding=1),
+    ConvSpec(384, 3, padding=1, grouped=True),
+    ConvSpec(256, 3, padding=1, grouped=True, pool=True),
+)
+ALEXNET_FC = (4096, 4096)
+
+# The same 5-conv / 3-fc topology for 28-64 px inputs: stride-1 conv1, narrower layers.
+SMALL_CONVS = (
+    ConvSpec(64, 5, padding=2, pool=True, lrn=True),
+    ConvSpec(128, 5, padding=2, grouped=True, pool=True, lrn=True),
+    ConvSpec(192, 3, padding=1),
+    ConvSpec(192, 3, padding=1, grouped=True),
+    ConvSpec(128, 3, padding=1, grouped=True, pool=True),
+)
+SMALL_FC = (512, 512)
+
+POOL_KERNEL, POOL_STRIDE = 3, 2
+
+
+def _scaled(width: int, multiplier: float, groups: int) -> int:
+    """Width times the multiplier, at least `groups` and a multiple of it."""
+    w = max(groups, int(round(width * multiplier)))
+    return w - w % groups
+
+
+class LocalResponseNorm(nn.Module):
+    """Cross-channel LRN, the same function as `torch.nn.LocalResponseNorm` (and Caffe's):
+    x / (k + alpha / size * sum of x^2 over `size` neighbouring channels) ** beta.
+
+    Written as a sum of shifted slices because torch's version (avg_pool3d on a 5-D view) is
+    several times slower than the convolutions around it on the CPU."""
+
+    def __init__(self, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0) -> None:
+        super().__init__()
+        self.size, self.alpha, self.beta, self.k = size, alpha, beta, k
+
+    def forward(self, x: Tensor) -> Tensor:
+        channels = x.shape[1]
+        sq = nn.functional.pad(x.square().unsqueeze(1), (0, 0, 0, 0, self.size // 2, (self.size - 1) // 2)).squeeze(1)
+        window = sum(sq[:, d : d + channels] for d in range(self.size))
+        return x / (self.k + (self.alpha / self.size) * window).pow(self.beta)
+
+
+class Stage(nn.Module):
+    """``pre`` produces the tap (post-ReLU), ``post`` the input of the next stage."""
+
+    def __init__(self, pre: nn.Sequential, post: nn.Sequential) -> None:
+        super().__init__()
+        self.pre = pre
+        self.post = post
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        tap = self.pre(x)
+        return tap, self.post(tap)
+
+
+class AlexNet(nn.Module):
+    """An AlexNet variant; build with `AlexNet.imagenet(...)` or `AlexNet.small(...)`."""
+
+    def __init__(
+        self,
+        convs: Sequence[ConvSpec],
+        fc: Sequence[int],
+        num_classes: int,
+        in_channels: int = 3,
+        input_size: int = 227,
+        width: float = 1.0,
+        groups: int = 1,
+        lrn: str = "after_pool",
+        dropout: float = 0.5,
+        batch_norm: bool = False,
+    ) -> None:
+        super().__init__()
+        if groups not in (1, 2):
+            raise ValueError(f"groups must be 1 or 2 (the original two-GPU split), got {groups}")
+        if lrn not in LRN_CHOICES:
+            raise ValueError(f"lrn must be one of {LRN_CHOICES}, got {lrn!r}")
+        if width <= 0:
+            raise ValueError(f"width multiplier must be positive, got {width}")
+        self.convs = tuple(convs)
+        self.input_size = int(input_size)
+        self.in_channels = int(in_channels)
+        stages: dict[str, Stage] = {}
+        channels = in_channels
+        for name, spec in zip(CONV_LAYERS, self.convs):
+            g = groups if spec.grouped else 1
+            out = _scaled(spec.out, width, groups)  # every conv width divides into the groups
+            pre = [nn.Conv2d(channels, out, spec.kernel, spec.stride, spec.padding, groups=g)]
+            if batch_norm:
+                pre.append(nn.BatchNorm2d(out))
+            pre.append(nn.ReLU())
+            post: list[nn.Module] = []
+            norm = [LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=1.0)] if spec.lrn else []
+            if lrn == "before_pool":
+                post += norm
+            if spec.pool:
+                post.append(nn.MaxPool2d(POOL_KERNEL, POOL_STRIDE))
+            if lrn == "after_pool":
+                post += norm
+            stages[name] = Stage(nn.Sequential(*pre), nn.Sequential(*post))
+            channels = out
+        self.conv_stages = nn.ModuleDict(stages)
+        flat = self._flat_features(channels)
+        fc_stages: dict[str, Stage] = {}
+        features = flat
+        for name, units in zip(FC_LAYERS[:2], fc):
+            out = _scaled(units, width, 1)
+            pre = [nn.Linear(features, out)]
+            if batch_norm:
+                pre.append(nn.BatchNorm1d(out))
+            pre.append(nn.ReLU())
+            post = [nn.Dropout(dropout)] if dropout > 0 else []
+            fc_stages[name] = Stage(nn.Sequential(*pre), nn.Sequential(*post))
+            features = out
+        fc_stages["fc8"] = Stage(nn.Sequential(nn.Linear(features, num_classes)), nn.Sequential())
+        self.fc_stages = nn.ModuleDict(fc_stages)
+
+    # --- construction ------------------------------------------------------------------------
+    @classmethod
+    def imagenet(cls, num_classes: int = 1000, **options) -> AlexNet:
+        options.setdefault("input_size", 227)
+        return cls(ALEXNET_CONVS, ALEXNET_FC, num_classes, **options)
+
+    @classmethod
+    def small(cls, num_classes: int = 10, **options) -> AlexNet:
+        options.setdefault("input_size", 28)
+        options.setdefault("in_channels", 1)
+        return cls(SMALL_CONVS, SMALL_FC, num_classes, **options)
+
+    def _flat_features(self, channels: int) -> int:
+        side = self.input_size
+        for spec in self.convs:
+            side = (side + 2 * spec.padding - spec.kernel) // spec.stride + 1
+            if spec.pool:
+                side = (side - POOL_KERNEL) // POOL_STRIDE + 1
+            if side < 1:
+                raise ValueError(
+                    f"input size {self.input_size} px is too small for this model: the feature map "
+                    "vanishes before fc6; use a larger input (model.input_size / data resize)"
+                )
+        return channels * side * side
+
+    # --- introspection -----------------------------------------------------------------------
+    @property
+    def layer_names(self) -> tuple[str, ...]:
+        return LAYERS
+
+    def layer_width(self, name: str) -> int:
+        """Number of units (channels for conv layers) of a named layer."""
+        self._check_layers([name])
+        if name in self.conv_stages:
+            return self.conv_stages[name].pre[0].out_channels
+        return self.fc_stages[name].pre[0].out_features
+
+    def _check_layers(self, names: Iterable[str]) -> None:
+        unknown = [n for n in names if n not in LAYERS]
+        if unknown:
+            raise ValueError(f"unknown layer {unknown[0]!r}; valid layers: {', '.join(LAYERS)}")
+
+    # --- forward -----------------------------------------------------------------------------
+    def forward(self, x: Tensor, taps: Iterable[str] | None = None):
+        """Logits, or ``(logits, {layer: post-ReLU activation})`` when `taps` is given."""
+        wanted = None if taps is None else list(taps)
+        if wanted is not None:
+            self._check_layers(wanted)
+        collected: dict[str, Tensor] = {}
+        for name, stage in self.conv_stages.items():
+            tap, x = stage(x)
+            if wanted is not None and name in wanted:
+                collected[name] = tap
+        x = torch.flatten(x, 1)
+        for name, stage in self.fc_stages.items():
+            tap, x = stage(x)
+            if wanted is not None and name in wanted:
+                collected[name] = tap
+        if wanted is None:
+            return x
+        return x, {name: collected[name] for name in wanted}
+
+
+def build_model(name: str, num_classes: int, in_channels: int, input_size: int, **options) -> AlexNet:
+    """Build a variant by its config name (`alexnet` or `alexnet_small`)."""
+    builders = {"alexnet": AlexNet.imagenet, "alexnet_small": AlexNet.small}
+    if name not in builders:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(builders)}")
+    return builders[name](num_classes=num_classes, in_channels=in_channels, input_size=input_size, **options)

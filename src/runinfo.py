@@ -1,0 +1,97 @@
+"""What a run directory holds about itself: W&B run id, last checkpoint, end-of-run summary.
+
+`run.json` is written when a run starts, so a resumed run (`resume=<dir>`, or a requeued job
+whose run dir already holds a checkpoint) continues the same W&B run and the same step count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from convergent.config import ConfigError
+
+RUN_FILE = "run.json"
+LAST_CHECKPOINT = "checkpoints/last.ckpt"
+
+
+@dataclass
+class RunInfo:
+    run_dir: str
+    wandb_id: str
+
+    @classmethod
+    def load_or_create(cls, run_dir: Path) -> RunInfo:
+        path = Path(run_dir) / RUN_FILE
+        if path.exists():
+            return cls(**json.loads(path.read_text()))
+        info = cls(run_dir=str(run_dir), wandb_id=uuid.uuid4().hex[:8])
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(asdict(info), indent=1))
+            tmp.replace(path)
+        return info
+
+    def last_checkpoint(self) -> str | None:
+        path = Path(self.run_dir) / LAST_CHECKPOINT
+        return str(path) if path.exists() else None
+
+
+def resume_argv(argv: list[str]) -> list[str]:
+    """Rewrite `resume=<run dir>` into Hydra arguments that recompose the run's saved config in
+    that directory; other arguments are kept as overrides."""
+    rest = [a for a in argv if not a.startswith("resume=")]
+    given = [a.split("=", 1)[1] for a in argv if a.startswith("resume=")]
+    if not given or given[-1] in ("", "null", "None"):
+        return argv
+    run_dir = Path(given[-1]).expanduser().resolve()
+    saved = run_dir / ".hydra" / "config.yaml"
+    if not saved.exists():
+        raise ConfigError(f"resume={given[-1]}: no saved config at {saved}; pass the run directory that convergent-train created")
+    if "-m" in rest or "--multirun" in rest:
+        raise ConfigError("resume= continues one run; drop -m/--multirun")
+    return ["--config-dir", str(saved.parent), "--config-name", "config", f"hydra.run.dir={run_dir}", *rest]
+
+
+def summarize(trainer, ensemble, run_dir: Path, elapsed: float) -> dict:
+    """End-of-run summary: printed, and written to run_dir/summary.json."""
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
+    summary = {
+        "run_dir": str(run_dir),
+        "wall_time_s": round(elapsed, 1),
+        "global_step": int(trainer.global_step),
+        "epochs": int(trainer.current_epoch),
+        "val/acc": metrics.get("val/acc"),
+        "val/loss": metrics.get("val/loss"),
+        "member_val_acc": [metrics.get(f"member{i}/val/acc") for i in range(ensemble.k)],
+    }
+    headline = {k: v for k, v in metrics.items() if k.startswith(("align/", "cka/")) and "/m" not in k.split("/")[-1]}
+    summary["alignment"] = dict(sorted(headline.items()))
+    failures = getattr(trainer, "convergent_failures", None)
+    if failures:
+        summary["failed_analyses"] = failures
+    if trainer.is_global_zero:
+        (Path(run_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
+        print_summary(summary)
+    return summary
+
+
+def print_summary(summary: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"convergent: {summary['run_dir']}", show_header=False)
+    fmt = lambda v: "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))  # noqa: E731
+    table.add_row("wall time", f"{summary['wall_time_s']} s")
+    table.add_row("steps / epochs", f"{summary['global_step']} / {summary['epochs']}")
+    table.add_row("val/acc (mean)", fmt(summary["val/acc"]))
+    table.add_row("val/acc per member", ", ".join(fmt(a) for a in summary["member_val_acc"]))
+    for key, value in list(summary["alignment"].items())[:12]:
+        table.add_row(key, fmt(value))
+    for failure in summary.get("failed_analyses", []):
+        table.add_row("[red]failed analysis", failure)
+    Console().print(table)
