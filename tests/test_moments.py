@@ -1,0 +1,123 @@
+"""Streaming moments: exact against float64 numpy, across batch splits, processes and dtypes."""
+
+import numpy as np
+import pytest
+import torch
+
+from convergent.stats import Moments, estimate_state_bytes
+
+
+def flat(x: torch.Tensor) -> np.ndarray:
+    x = x.double()
+    return (x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]) if x.dim() == 4 else x).numpy()
+
+
+def reference(batches, k):
+    cols = [np.concatenate([flat(b[i]) for b in batches]) for i in range(k)]
+    x = np.concatenate(cols, 1)
+    return x, np.cov(x.T, bias=True), x.mean(0)
+
+
+def make(shape, k=3, seed=0, scale=3.0, offset=2.0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.relu(torch.randn(shape, generator=g) * scale + offset) for _ in range(k)]
+
+
+@pytest.mark.parametrize("product_dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", [(40, 5, 6, 6), (300, 7), (20, 4, 13, 13)])
+@pytest.mark.parametrize("splits", [[1], [3, 7], [1, 1, 2, 4, 8, 16, 8]])
+def test_matches_float64_numpy(shape, splits, product_dtype):
+    sizes = [shape[1]] * 3
+    full = make(shape)
+    total = sum(splits)
+    edges = np.cumsum([0] + [int(round(s / total * shape[0])) for s in splits])
+    edges[-1] = shape[0]
+    batches = [[a[lo:hi] for a in full] for lo, hi in zip(edges[:-1], edges[1:]) if hi > lo]
+    m = Moments(sizes, product_dtype=product_dtype)
+    for b in batches:
+        m.update(*b)
+    st = m.compute()
+    x, cov, mean = reference(batches, 3)
+    corr = np.corrcoef(x.T)
+    assert st.n == x.shape[0]
+    c = shape[1]
+    for i in range(3):
+        np.testing.assert_allclose(st.mean(i).numpy(), mean[i * c : (i + 1) * c], atol=1e-6, rtol=0)
+        for j in range(3):
+            np.testing.assert_allclose(st.cov(i, j).numpy(), cov[i * c : (i + 1) * c, j * c : (j + 1) * c], atol=1e-6, rtol=0)
+            np.testing.assert_allclose(st.corr(i, j).numpy(), corr[i * c : (i + 1) * c, j * c : (j + 1) * c], atol=1e-6, rtol=0)
+
+
+def test_large_offset_stays_exact():
+    """Per-batch centring: a mean 1e4 times the spread must not cost precision."""
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(2000, 4, generator=g, dtype=torch.float64) + 1e4
+    b = a @ torch.randn(4, 3, generator=g, dtype=torch.float64)
+    m = Moments([4, 3])
+    for lo in range(0, 2000, 300):
+        m.update(a[lo : lo + 300], b[lo : lo + 300])
+    st = m.compute()
+    ref = np.cov(np.concatenate([a.numpy(), b.numpy()], 1).T, bias=True)
+    np.testing.assert_allclose(st.cov(0, 1).numpy(), ref[:4, 4:], rtol=1e-9, atol=1e-9)
+
+
+def test_dead_and_constant_units_give_zero_correlation_not_nan():
+    acts = make((30, 6), k=2)
+    acts[0][:, 2] = 0.0  # never fires
+    acts[1][:, 4] = 3.5  # constant
+    m = Moments([6, 6])
+    m.update(*acts)
+    st = m.compute()
+    assert st.dead(0).tolist() == [False, False, True, False, False, False]
+    assert st.dead(1)[4] and st.dead(1).sum() == 1
+    for i, j in [(0, 0), (0, 1), (1, 0), (1, 1)]:
+        r = st.corr(i, j)
+        assert torch.isfinite(r).all()
+    assert (st.corr(0, 1)[2] == 0).all() and (st.corr(0, 1)[:, 4] == 0).all()
+    assert st.corr(0, 0)[2, 2] == 0 and st.corr(0, 0)[1, 1] == 1
+
+
+def test_merge_of_two_accumulators_equals_one():
+    acts = make((50, 4, 5, 5), k=2)
+    one, a, b = Moments([4, 4]), Moments([4, 4]), Moments([4, 4])
+    one.update(*acts)
+    a.update(*[x[:20] for x in acts])
+    b.update(*[x[20:] for x in acts])
+    merged, single = a.compute() + b.compute(), one.compute()
+    assert merged.n == single.n
+    torch.testing.assert_close(merged.cov(0, 1), single.cov(0, 1), atol=1e-12, rtol=0)
+    torch.testing.assert_close(merged.qx[(0, 1)], single.qx[(0, 1)], atol=1e-9, rtol=1e-12)
+
+
+def test_pairs_keep_only_the_requested_blocks():
+    m = Moments([3, 3, 3], pairs=[(2, 0)])
+    m.update(*make((20, 3), k=3))
+    st = m.compute()
+    assert st.blocks == [(0, 0), (0, 2), (1, 1), (2, 2)]
+    assert st.cov(2, 0).shape == (3, 3)
+    with pytest.raises(KeyError, match="no joint moments kept for nets"):
+        st.cov(0, 1)
+
+
+def test_memory_does_not_grow_with_the_probe_set():
+    m = Moments([8, 8])
+    before = m.state_bytes()
+    for seed in range(5):
+        m.update(*make((64, 8, 6, 6), k=2, seed=seed))
+    assert m.state_bytes() == before == estimate_state_bytes([8, 8])
+
+
+def test_mismatched_inputs_are_a_clear_error():
+    m = Moments([4, 4])
+    with pytest.raises(ValueError, match="all nets must see the same inputs"):
+        m.update(torch.zeros(5, 4), torch.zeros(6, 4))
+    with pytest.raises(ValueError, match="one tensor per net"):
+        m.update(torch.zeros(5, 4))
+
+
+def test_does_not_modify_the_callers_activations():
+    acts = [a.double() for a in make((10, 3), k=2)]
+    copies = [a.clone() for a in acts]
+    Moments([3, 3]).update(*acts)
+    for a, c in zip(acts, copies):
+        assert torch.equal(a, c)
