@@ -1,0 +1,1 @@
+"""Pure analyses on statistics: no Lightning, W&B or Hydra imports."""
