@@ -1,0 +1,295 @@
+"""One probe pass: the probe set through every member, folded into streaming statistics.
+
+Runs on every process (each on its shard of the probe set); `compute()` of each statistic sums
+the processes' states, so every rank ends with the same `ProbeStats`. Members run in eval mode
+under no_grad; their previous mode is restored.
+
+Per layer: two `Moments` (fit / held-out: even / odd probe images), optionally the same for the
+permutation null (`CyclicShift`), `UnitBins` + `JointHistogram` for mutual information (a second
+pass), `TopActivations` for unit visualisations. Across layers: one `Moments` of image-level
+features (conv taps averaged over space) of every (layer, member), for cross-layer measures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from convergent.models import CONV_LAYERS
+from convergent.stats import MomentStats, Moments, estimate_state_bytes
+from convergent.stats.histogram import JointHistogram, UnitBins, estimate_joint_bytes
+from convergent.stats.shift import CyclicShift
+from convergent.stats.topk import TopActivations
+
+POOLED = "pooled"  # key of the image-level features in a member's taps
+
+
+@dataclass
+class ProbeOptions:
+    layers: Sequence[str]
+    pairs: list[tuple[int, int]] | None = None  # member pairs (None: all)
+    null_pairs: list[tuple[int, int]] | None = None  # member pairs of the permutation null (None: all)
+    heavy_pairs: list[tuple[int, int]] | None = None  # pairs for mutual information and cross-layer (None: all)
+    null: bool = True
+    mutual_info: bool = True
+    top_k: int = 0  # 0: no unit visualisations
+    pooled: bool = True  # image-level features for cross-layer measures
+    product_dtype: torch.dtype | None = None  # None: float64 on CUDA, float32 on the CPU
+    max_units: int | None = None
+    mi_layers: Sequence[str] | None = None  # layers with mutual information (None: all)
+    mi_positions: int | None = 16  # positions per image used for MI (None: all)
+
+
+@dataclass
+class LayerStats:
+    fit: MomentStats
+    held: MomentStats
+    null_fit: MomentStats | None = None
+    null_held: MomentStats | None = None
+    mi_counts: dict[tuple[int, int], Tensor] | None = None
+    top: dict[int, tuple[Tensor, Tensor]] | None = None  # member -> (values [C, k], (image, y, x) [C, k, 3])
+    units: Tensor | None = None  # indices of the units kept (analysis.max_units)
+
+    @property
+    def all(self) -> MomentStats:
+        return self.fit + self.held
+
+    @property
+    def null(self) -> MomentStats | None:
+        return None if self.null_fit is None else self.null_fit + self.null_held
+
+
+@dataclass
+class ProbeStats:
+    layers: dict[str, LayerStats]
+    k: int
+    n_images: int
+    pooled: MomentStats | None = None  # nets indexed by pooled_index[(layer, member)]
+    pooled_index: dict[tuple[str, int], int] = field(default_factory=dict)
+
+
+def unit_subset(width: int, max_units: int | None, layer: str) -> Tensor | None:
+    """A fixed random subset of units (the same in every run) when a layer is wider than max_units."""
+    if not max_units or width <= max_units:
+        return None
+    g = torch.Generator().manual_seed(sum(map(ord, layer)))
+    return torch.randperm(width, generator=g)[:max_units].sort().values
+
+
+def position_subset(hw: int, positions: int | None, layer: str) -> Tensor | None:
+    """A fixed random subset of spatial positions (the same for every image, member and run)."""
+    if not positions or hw <= positions:
+        return None
+    g = torch.Generator().manual_seed(1_000 + sum(map(ord, layer)))
+    return torch.randperm(hw, generator=g)[:positions].sort().values
+
+
+def member_pairs(k: int, pairs) -> list[tuple[int, int]]:
+    return [(a, b) for a in range(k) for b in range(a + 1, k)] if pairs is None else [tuple(p) for p in pairs]
+
+
+def pooled_blocks(layers: Sequence[str], k: int, pairs) -> tuple[dict, list[tuple[int, int]]]:
+    """Index of every (layer, member) among the pooled nets, and the blocks cross-layer measures
+    need: every layer of a against every layer of b, for each member pair."""
+    index = {(layer, m): li * k + m for li, layer in enumerate(layers) for m in range(k)}
+    blocks = [(index[(la, a)], index[(lb, b)]) for a, b in member_pairs(k, pairs) for la in layers for lb in layers]
+    return index, blocks
+
+
+class ProbeRunner:
+    def __init__(self, options: ProbeOptions, widths: dict[str, int], k: int) -> None:
+        self.options = options
+        self.k = k
+        self.units = {layer: unit_subset(widths[layer], options.max_units, layer) for layer in options.layers}
+        self.widths = {layer: (len(u) if u is not None else widths[layer]) for layer, u in self.units.items()}
+        self.pooled_index, self.pooled_pairs = pooled_blocks(options.layers, k, options.heavy_pairs)
+        self.top_members = sorted({i for p in member_pairs(k, options.heavy_pairs) for i in p})
+        self.pooled_sizes = [self.widths[layer] for layer in options.layers for _ in range(k)]
+        self.mi_layers = [l for l in options.layers if options.mi_layers is None or l in options.mi_layers]
+        self._acc: dict[str, Any] | None = None
+
+    def mi_acts(self, layer: str, acts: list[Tensor]) -> list[Tensor]:
+        """Activations used for mutual information: conv taps at a fixed subset of positions."""
+        if acts[0].dim() != 4:
+            return acts
+        keep = position_subset(acts[0].shape[2] * acts[0].shape[3], self.options.mi_positions, layer)
+        if keep is None:
+            return acts
+        keep = keep.to(acts[0].device)
+        return [a.flatten(2)[:, :, keep] for a in acts]
+
+    # --- memory ------------------------------------------------------------------------------
+    def estimate_bytes(self) -> dict[str, int]:
+        """Bytes the statistics will hold, by kind (without allocating them)."""
+        o, k = self.options, self.k
+        est = {"moments": 0, "null": 0, "mutual_info": 0, "top_k": 0, "pooled": 0}
+        for layer in o.layers:
+            sizes = [self.widths[layer]] * k
+            est["moments"] += 2 * estimate_state_bytes(sizes, o.pairs)
+            if o.null and k > 1:
+                est["null"] += 2 * estimate_state_bytes(sizes, o.null_pairs)
+            if o.mutual_info and k > 1 and layer in self.mi_layers:
+                est["mutual_info"] += estimate_joint_bytes(sizes, o.heavy_pairs) + 8 * sum(sizes) * 1203
+            if o.top_k and layer in CONV_LAYERS:
+                est["top_k"] += 8 * 4 * o.top_k * self.widths[layer] * len(self.top_members)
+        if o.pooled and k > 1:
+            est["pooled"] = estimate_state_bytes(self.pooled_sizes, self.pooled_pairs)
+        est["total"] = sum(est.values())
+        return est
+
+    # --- the pass ----------------------------------------------------------------------------
+    def taps(self, members: Sequence[nn.Module], images: Tensor) -> list[dict[str, Tensor]]:
+        """Every member's post-ReLU taps as float32 (unit subset applied), plus pooled features."""
+        out = []
+        for member in members:
+            _, taps = member(images, taps=self.options.layers)
+            kept = {}
+            for layer, act in taps.items():
+                act = act.float()
+                if self.units[layer] is not None:
+                    act = act[:, self.units[layer].to(act.device)]
+                kept[layer] = act
+            if self.options.pooled:
+                kept[POOLED] = torch.cat([a.mean(dim=(2, 3)) if a.dim() == 4 else a for a in kept.values()], dim=1)
+            out.append(kept)
+        return out
+
+    def _pooled_acts(self, taps: list[dict[str, Tensor]]) -> list[Tensor]:
+        """Pooled features split back into one tensor per (layer, member), in pooled_index order."""
+        acts = []
+        for layer in self.options.layers:
+            lo = sum(self.widths[l] for l in self.options.layers[: self.options.layers.index(layer)])
+            acts.extend(t[POOLED][:, lo : lo + self.widths[layer]] for t in taps)
+        return acts
+
+    def accumulators(self, device: torch.device) -> dict[str, Any]:
+        """The streaming statistics, built once per device and reset before every pass (building
+        thousands of metric states costs more than a probe pass on a small net)."""
+        device = torch.device(device)
+        if self._acc is not None and self._acc["device"] == device:
+            for metric in self._acc["metrics"]:
+                metric.reset()
+            return self._acc
+        o, k, layers = self.options, self.k, list(self.options.layers)
+        dtype = o.product_dtype or (torch.float64 if device.type == "cuda" else torch.float32)
+
+        def moments(sizes, pairs=o.pairs):
+            return Moments(sizes, pairs=pairs, product_dtype=dtype).to(device)
+
+        null_on, pooled_on = o.null and k > 1, o.pooled and k > 1
+        acc: dict[str, Any] = {
+            "device": device,
+            "fit": {l: moments([self.widths[l]] * k) for l in layers},
+            "held": {l: moments([self.widths[l]] * k) for l in layers},
+            "null_fit": {l: moments([self.widths[l]] * k, o.null_pairs) for l in layers} if null_on else {},
+            "null_held": {l: moments([self.widths[l]] * k, o.null_pairs) for l in layers} if null_on else {},
+            "bins": {l: UnitBins([self.widths[l]] * k).to(device) for l in (self.mi_layers if o.mutual_info and k > 1 else [])},
+            "top": {
+                l: TopActivations([self.widths[l]] * len(self.top_members), k=o.top_k).to(device)
+                for l in layers
+                if l in CONV_LAYERS
+            }
+            if o.top_k
+            else {},
+            "pooled": moments(self.pooled_sizes, self.pooled_pairs) if pooled_on else None,
+        }
+        acc["metrics"] = [
+            m
+            for key in ("fit", "held", "null_fit", "null_held", "bins", "top")
+            for m in acc[key].values()
+        ] + ([acc["pooled"]] if acc["pooled"] is not None else [])
+        self._acc = acc
+        return acc
+
+    def run(self, members: Sequence[nn.Module], loader: Iterable, device: torch.device, full: bool = True) -> ProbeStats:
+        """One pass (two with mutual information). `full=False` skips the statistics only the
+        heavy analyses use (mutual information, top activations, image-level features)."""
+        o, k = self.options, self.k
+        layers = list(o.layers)
+        acc = self.accumulators(device)
+        fit, held, null_fit, null_held = acc["fit"], acc["held"], acc["null_fit"], acc["null_held"]
+        bins, top, pooled = acc["bins"], acc["top"], acc["pooled"]
+        if not full:
+            bins, top, pooled = {}, {}, None
+        shift = CyclicShift(k) if null_fit else None
+        n_images = 0
+
+        def fold_null(rows: list[dict[str, Tensor]] | None, first_row: int) -> None:
+            if not rows:
+                return
+            n = next(iter(rows[0].values())).shape[0]
+            even = (torch.arange(first_row, first_row + n, device=device) % 2) == 0
+            for l in layers:
+                acts = [r[l] for r in rows]
+                null_fit[l].update(*[a[even] for a in acts])
+                null_held[l].update(*[a[~even] for a in acts])
+
+        with evaluating(members), torch.no_grad():
+            for batch in loader:
+                images, index = batch[0].to(device), batch[2].to(device)
+                taps = self.taps(members, images)
+                n_images += images.shape[0]
+                even = (index % 2) == 0
+                for l in layers:
+                    acts = [t[l] for t in taps]
+                    fit[l].update(*[a[even] for a in acts])
+                    held[l].update(*[a[~even] for a in acts])
+                    if l in bins:
+                        bins[l].update(*self.mi_acts(l, acts))
+                    if l in top:
+                        top[l].update(*[acts[i] for i in self.top_members], image_index=index)
+                if pooled is not None:
+                    pooled.update(*self._pooled_acts(taps))
+                if shift is not None:
+                    fold_null(shift.push(taps), max(shift.seen, k - 1))
+            if shift is not None:
+                fold_null(shift.finish(), 0)
+
+            joint = {}
+            if bins:
+                # Pass 2: joint bin counts, with the bin edges of pass 1.
+                joint = {
+                    l: JointHistogram([self.widths[l]] * k, bins[l].compute(), pairs=o.heavy_pairs).to(device) for l in bins
+                }
+                for batch in loader:
+                    taps = self.taps(members, batch[0].to(device))
+                    for l in bins:
+                        joint[l].update(*self.mi_acts(l, [t[l] for t in taps]))
+
+        result = {
+            l: LayerStats(
+                fit=fit[l].compute(),
+                held=held[l].compute(),
+                null_fit=null_fit[l].compute() if l in null_fit else None,
+                null_held=null_held[l].compute() if l in null_held else None,
+                mi_counts=joint[l].compute() if l in joint else None,
+                top=dict(zip(self.top_members, top[l].compute())) if l in top else None,
+                units=self.units[l],
+            )
+            for l in layers
+        }
+        return ProbeStats(
+            layers=result,
+            k=k,
+            n_images=n_images,
+            pooled=pooled.compute() if pooled is not None else None,
+            pooled_index=self.pooled_index,
+        )
+
+
+@contextlib.contextmanager
+def evaluating(members: Sequence[nn.Module]):
+    """Eval mode for the pass; each member's previous mode restored afterwards."""
+    modes = [m.training for m in members]
+    try:
+        for m in members:
+            m.eval()
+        yield
+    finally:
+        for m, mode in zip(members, modes):
+            m.train(mode)

@@ -1,0 +1,100 @@
+"""Where an analysis step goes: the run's loggers (W&B, CSV) and local mirrors in the run dir.
+
+Local layout (README "Run directory"):
+    csv/metrics.csv                    every scalar (Lightning CSVLogger), with `step`
+    analysis/step=<global_step>.npz    raw arrays of the step (keys in README)
+    figures/<key>/step=<global_step>.png
+    tables/<key>/step=<global_step>.csv
+W&B gets the same scalars (x-axis `trainer/global_step`), figures as images under `fig/<key>`,
+tables under `table/<key>`, and each npz as a version of the artifact `analysis-<run id>`.
+Writes are atomic (temp file, then rename): a killed run never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from convergent.loggers import wandb_logger
+
+
+def _atomic_path(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    os.close(fd)
+    return Path(tmp)
+
+
+def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    tmp = _atomic_path(path)
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)  # uncompressed: compressing costs more time than the disk it saves
+    tmp.replace(path)
+
+
+def save_csv(path: Path, columns: Sequence[str], rows: Sequence[Sequence]) -> None:
+    tmp = _atomic_path(path)
+    with open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        writer.writerows(rows)
+    tmp.replace(path)
+
+
+def save_png(path: Path, fig: Figure) -> None:
+    tmp = _atomic_path(path)
+    fig.savefig(tmp, dpi=110, format="png")
+    tmp.replace(path)
+
+
+def step_name(step: int) -> str:
+    return f"step={step}"
+
+
+class RunSinks:
+    """Writes reports of analysis steps to the loggers and the run directory (rank 0 only)."""
+
+    def __init__(self, run_dir: Path, loggers: Sequence = ()) -> None:
+        self.run_dir = Path(run_dir)
+        self.loggers = list(loggers)
+        self.wandb = wandb_logger(self.loggers)
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        for logger in self.loggers:
+            logger.log_metrics(dict(values), step=step)
+        for logger in self.loggers:
+            logger.save()
+
+    def figure(self, key: str, fig: Figure, step: int) -> Path:
+        import matplotlib.pyplot as plt
+
+        path = self.run_dir / "figures" / key / f"{step_name(step)}.png"
+        try:
+            save_png(path, fig)
+        finally:
+            plt.close(fig)
+        if self.wandb is not None:
+            self.wandb.log_image(key=f"fig/{key}", images=[str(path)], step=step)
+        return path
+
+    def table(self, key: str, columns: list[str], rows: list[list], step: int) -> None:
+        save_csv(self.run_dir / "tables" / key / f"{step_name(step)}.csv", columns, rows)
+        if self.wandb is not None:
+            self.wandb.log_table(key=f"table/{key}", columns=list(columns), data=[list(r) for r in rows], step=step)
+
+    def arrays(self, arrays: dict[str, np.ndarray], step: int) -> Path:
+        path = self.run_dir / "analysis" / f"{step_name(step)}.npz"
+        save_npz(path, arrays)
+        if self.wandb is not None and self.wandb.experiment is not None and hasattr(self.wandb.experiment, "log_artifact"):
+            import wandb
+
+            artifact = wandb.Artifact(f"analysis-{self.wandb.experiment.id}", type="analysis")
+            artifact.add_file(str(path), name=path.name)
+            self.wandb.experiment.log_artifact(artifact, aliases=[step_name(step).replace("=", "-")])
+        return path
