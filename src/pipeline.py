@@ -337,3 +337,48 @@ def sparse_table(report: StepReport, s: AnalysisSettings) -> None:
 def _pending_mean(report: StepReport, key: str) -> float | None:
     values = report._pending.get(key)
     return float(np.mean(values)) if values else None
+
+
+def expected_scalar_keys(s: AnalysisSettings, full: bool = True) -> set[str]:
+    """Every scalar key a (full or light) analysis step logs under these settings (the public
+    interface documented in README "Metric keys"; the tests hold the pipeline to it)."""
+    keys: set[str] = set()
+
+    def per_pair(key: str, pairs) -> None:
+        keys.add(key)
+        keys.update(f"{key}/{pair_suffix(a, b)}" for a, b in pairs)
+
+    for layer in s.layers:
+        if s.on("correlation", full) or _needs_correlation(s):
+            for name in ("semi_match", "max_match", "within_max", "same_pair", "dead"):
+                per_pair(f"align/{layer}/{name}", s.member_pairs)
+            if s.null:
+                keys.update({f"align/{layer}/semi_match/null", f"align/{layer}/max_match/null"})
+        if s.on("mutual_info", full) and s.layer_has("mutual_info", layer):
+            per_pair(f"mi/{layer}/semi_match", s.plotted_pairs)
+            per_pair(f"mi/{layer}/same_as_corr", s.plotted_pairs)
+        if s.on("sparse", full) and s.layer_has("sparse", layer):
+            for w in s.l1:
+                per_pair(f"sparse/{layer}/error/l1={l1_label(w)}", s.plotted_pairs)
+                per_pair(f"sparse/{layer}/nnz/l1={l1_label(w)}", s.plotted_pairs)
+                if s.null:
+                    keys.add(f"sparse/{layer}/error/l1={l1_label(w)}/null")
+        if s.on("spectral", full):
+            for name in ("shared_fraction", "within_corr", "random_corr"):
+                per_pair(f"spectral/{layer}/{name}", s.plotted_pairs)
+        if s.on("hierarchical", full):
+            for name in ("first_merges_cross", "first_merges_same", "cross_fraction"):
+                per_pair(f"hier/{layer}/{name}", s.plotted_pairs)
+        if s.on("mean_activation", full):
+            keys.update({f"act/{layer}/mean", f"act/{layer}/top_unit_mean"})
+        for family, table in _measure_table(s).items():
+            if s.on(family, full):
+                for name in table:
+                    per_pair(f"{family}/{layer}/{name}", s.member_pairs)
+                    if s.null:
+                        keys.add(f"{family}/{layer}/{name}/null")
+    if s.on("cross_layer", full):
+        for family, table in _measure_table(s).items():
+            for name in table:
+                per_pair(f"layer_id/{family}_{name}", s.plotted_pairs)
+    return keys

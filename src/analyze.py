@@ -1,0 +1,149 @@
+"""`convergent-analyze`: the monitor's analyses, with the same outputs, on saved checkpoints.
+
+    convergent-analyze outputs/RUN/checkpoints/last.ckpt
+    convergent-analyze multirun/SWEEP/0/checkpoints/last.ckpt multirun/SWEEP/1/checkpoints/last.ckpt
+    convergent-analyze RUN/checkpoints/analysis/step=100.ckpt analysis.probe_size=1000 --out posthoc/
+
+Members are every member of every checkpoint, in order (so K single-network checkpoints from
+separate runs are compared like one ensemble). The data and analysis settings come from the first
+checkpoint's run directory (its saved Hydra config), so the live numbers are reproduced; `key=value`
+arguments override them (OmegaConf dotlist, e.g. `analysis.layers=[conv1,conv2]`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from convergent.config import ConfigError
+
+
+
+def find_run_config(checkpoint: Path) -> Path | None:
+    """The `.hydra/config.yaml` of the run a checkpoint belongs to (searching its parents)."""
+    for parent in checkpoint.resolve().parents:
+        saved = parent / ".hydra" / "config.yaml"
+        if saved.exists():
+            return saved
+    return None
+
+
+def default_config() -> DictConfig:
+    """Package defaults for data and analysis, for checkpoints without a run directory."""
+    import importlib.resources
+
+    conf = importlib.resources.files("convergent.conf")
+    return OmegaConf.create(
+        {
+            "data": OmegaConf.load(str(conf / "data" / "mnist5k.yaml")),
+            "analysis": OmegaConf.load(str(conf / "analysis" / "default.yaml")),
+        }
+    )
+
+
+def load_members(checkpoints: list[Path]) -> tuple[list[torch.nn.Module], int]:
+    from convergent.ensemble import Ensemble
+
+    members, steps = [], []
+    for path in checkpoints:
+        if not path.exists():
+            raise ConfigError(f"checkpoint {path} does not exist; pass a .ckpt written by convergent-train")
+        ensemble = Ensemble.load_from_checkpoint(str(path), map_location="cpu", weights_only=False)
+        members.extend(ensemble.members)
+        steps.append(int(torch.load(str(path), map_location="cpu", weights_only=False).get("global_step", 0)))
+    return members, steps[0]
+
+
+def analyze_checkpoints(
+    checkpoints: list[Path], overrides: list[str], out_dir: Path | None = None, loggers=(), device: str | None = None
+) -> dict:
+    """Run every configured analysis on the checkpoints' members; write the same files the live
+    monitor writes under `out_dir`. Returns {"step", "scalars", "out_dir", "report"}."""
+    from hydra.utils import instantiate
+
+    from convergent.callbacks.monitor import probe_runner
+    from convergent.pipeline import analyze
+    from convergent.plotting import step_figures
+    from convergent.settings import AnalysisSettings
+    from convergent.sinks import RunSinks
+
+    saved = find_run_config(checkpoints[0])
+    cfg = OmegaConf.load(saved) if saved else default_config()
+    try:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    except Exception as e:  # a malformed key=value
+        raise ConfigError(f"could not apply overrides {overrides}: {e}") from None
+    members, step = load_members(checkpoints)
+    settings = AnalysisSettings.from_config(OmegaConf.to_container(cfg.analysis, resolve=True), k=len(members))
+    datamodule = instantiate(cfg.data)
+    datamodule.setup()
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    members = [m.to(dev) for m in members]
+    widths = {layer: members[0].layer_width(layer) for layer in settings.layers}
+    settings.check_model(widths)
+    runner = probe_runner(settings, widths)
+    loader = datamodule.probe_dataloader(settings.probe_size, settings.batch_size)
+    probe = runner.run(members, loader, dev, full=True)
+    report = analyze(probe, settings, step, full=True)
+    if out_dir is None:
+        base = saved.parent.parent if saved else Path.cwd()
+        out_dir = base / "posthoc" / f"step={step}"
+    sinks = RunSinks(out_dir, loggers)
+    if settings.figures != "none":
+        probe_set = datamodule.probe_set(settings.probe_size)
+        for key, fig in step_figures(report, settings, [m.cpu() for m in members], probe_set):
+            sinks.figure(key, fig, step)
+    for key, (columns, rows) in report.tables.items():
+        sinks.table(key, columns, rows, step)
+    sinks.arrays(report.arrays, step)
+    if loggers:
+        sinks.scalars(report.scalars, step)
+    with open(Path(out_dir) / "scalars.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["step", "key", "value"])
+        writer.writerows([step, key, value] for key, value in sorted(report.scalars.items()))
+    return {"step": step, "scalars": report.scalars, "out_dir": Path(out_dir), "report": report}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="convergent-analyze", description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoints", nargs="+", help="checkpoint files, then optional key=value overrides")
+    parser.add_argument("--out", type=Path, default=None, help="output directory (default: <run dir>/posthoc/step=<step>)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--wandb", action="store_true", help="also log to a new W&B run (offline without an API key)")
+    args = parser.parse_args(argv)
+    checkpoints = [Path(a) for a in args.checkpoints if "=" not in a]
+    overrides = [a for a in args.checkpoints if "=" in a]
+    start = time.time()
+    try:
+        if not checkpoints:
+            raise ConfigError("no checkpoint given; pass one or more .ckpt files")
+        loggers = []
+        if args.wandb:
+            from convergent.loggers import build_loggers
+
+            out = args.out or Path.cwd() / "convergent-analyze"
+            loggers = build_loggers({"wandb": {"project": "convergent", "tags": ["posthoc"]}}, out, {"checkpoints": [str(c) for c in checkpoints]}, "posthoc", None)
+        result = analyze_checkpoints(checkpoints, overrides, args.out, loggers, args.device)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+    print(
+        f"convergent-analyze: step {result['step']}, {len(result['scalars'])} scalars, "
+        f"written to {result['out_dir']} in {time.time() - start:.1f} s"
+    )
+
+
+if __name__ == "__main__":
+    main()

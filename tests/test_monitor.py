@@ -1,0 +1,97 @@
+"""A tiny real training through the CLI logs every key, npz and figure; convergent-analyze
+reproduces the logged values from the checkpoint."""
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from convergent.pipeline import expected_scalar_keys
+from convergent.settings import AnalysisSettings
+
+
+
+def read_metrics(run_dir: Path) -> dict[str, dict[int, float]]:
+    """CSV mirror -> {key: {step: value}}."""
+    out: dict[str, dict[int, float]] = {}
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        for row in csv.DictReader(f):
+            step = int(row["step"])
+            for key, value in row.items():
+                if key != "step" and value != "":
+                    out.setdefault(key, {})
+                    assert step not in out[key] or out[key][step] == float(value), f"{key} logged twice at {step}"
+                    out[key][step] = float(value)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from tests.conftest import run_cli
+
+    tmp = tmp_path_factory.mktemp("tiny")
+    run_dir = tmp / "run"
+    proc = run_cli("train", "debug=tiny", f"hydra.run.dir={run_dir}", cwd=tmp)
+    return run_dir, proc
+
+
+def settings_of(run_dir: Path) -> AnalysisSettings:
+    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    return AnalysisSettings.from_config(OmegaConf.to_container(cfg.analysis, resolve=True), k=cfg.ensemble.k)
+
+
+def test_every_key_is_logged_at_every_analysis_step(tiny_run):
+    run_dir, proc = tiny_run
+    metrics = read_metrics(run_dir)
+    s = settings_of(run_dir)
+    expected = expected_scalar_keys(s, full=True)
+    steps = [0, 1, 2, 5, 10]
+    missing = sorted(k for k in expected if k not in metrics)
+    assert not missing, f"keys never logged: {missing[:10]}"
+    for key in expected:
+        assert sorted(metrics[key]) == steps, f"{key} logged at {sorted(metrics[key])}"
+        assert all(np.isfinite(v) for v in metrics[key].values())
+    unexpected = sorted(
+        k for k in metrics if k.split("/")[0] in {"align", "mi", "sparse", "spectral", "hier", "act", "cka", "cca", "procrustes", "layer_id"} and k not in expected
+    )
+    assert not unexpected, f"logged keys the pipeline does not declare: {unexpected[:10]}"
+    for key in ("train/loss", "val/acc", "member0/val/acc", "member2/train/loss"):
+        assert key in metrics
+
+
+def test_files_of_every_step_exist(tiny_run):
+    run_dir, _ = tiny_run
+    for step in (0, 1, 2, 5, 10):
+        npz = np.load(run_dir / "analysis" / f"step={step}.npz")
+        assert "conv1/corr/m0-m1" in npz and "fc7/max_index/m1-m2" in npz
+        assert all(np.isfinite(npz[k]).all() for k in npz.files if npz[k].dtype.kind == "f")
+        assert (run_dir / "checkpoints" / "analysis" / f"step={step}.ckpt").exists()
+        for fig in ("corr/m0-m1", "matching/m0-m1", "spectral/m0-m1", "hier/m0-m1", "patches/m0-m1", "cross_layer/m0-m1", "act/mean", "sparse/error_vs_nnz"):
+            assert (run_dir / "figures" / fig / f"step={step}.png").stat().st_size > 1000, fig
+        assert (run_dir / "tables" / "pairs" / "conv2" / f"step={step}.csv").exists()
+        assert (run_dir / "tables" / "sparse" / f"step={step}.csv").exists()
+    assert (run_dir / "figures" / "over_training" / "cka_linear" / "step=10.png").exists()
+    wandb_runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(wandb_runs) == 1 and list(wandb_runs[0].glob("*.wandb"))
+
+
+def test_analyze_reproduces_the_logged_values(tiny_run, tmp_path):
+    from tests.conftest import run_cli
+
+    run_dir, _ = tiny_run
+    out = tmp_path / "posthoc"
+    run_cli("analyze", str(run_dir / "checkpoints" / "last.ckpt"), "--out", str(out), cwd=tmp_path)
+    logged = read_metrics(run_dir)
+    with open(out / "scalars.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {int(r["step"]) for r in rows} == {10}
+    compared = 0
+    for row in rows:
+        live = logged[row["key"]][10]
+        assert float(row["value"]) == pytest.approx(live, abs=1e-9, rel=1e-9), row["key"]
+        compared += 1
+    assert compared == len(expected_scalar_keys(settings_of(run_dir), full=True))
+    live_npz, post_npz = np.load(run_dir / "analysis" / "step=10.npz"), np.load(out / "analysis" / "step=10.npz")
+    np.testing.assert_allclose(post_npz["conv3/corr/m0-m2"], live_npz["conv3/corr/m0-m2"], atol=1e-12)
