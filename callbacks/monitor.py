@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_info
 
+from convergent.callbacks.checkpointing import save_checkpoint_atomic
 from convergent.callbacks.schedule import Schedule
 from convergent.config import ConfigError
 from convergent.pipeline import analyze
@@ -176,14 +178,14 @@ class ConvergenceMonitor(pl.Callback):
     def save_checkpoints(self, trainer, step: int) -> None:
         """The checkpoint of this analysis step, also as last.ckpt (resume after this step)."""
         ckpt_dir = self.run_dir / "checkpoints"
-        tmp = ckpt_dir / f".tmp-step={step}.ckpt"
-        trainer.save_checkpoint(str(tmp))  # every rank calls it; rank 0 writes, then a barrier
-        if trainer.is_global_zero:
-            if self.settings.save_checkpoints:
-                (ckpt_dir / "analysis").mkdir(parents=True, exist_ok=True)
-                os.link(tmp, ckpt_dir / "analysis" / f"step={step}.ckpt.tmp")
-                os.replace(ckpt_dir / "analysis" / f"step={step}.ckpt.tmp", ckpt_dir / "analysis" / f"step={step}.ckpt")
-            os.replace(tmp, ckpt_dir / "last.ckpt")  # atomic: a kill never leaves half a checkpoint
+        save_checkpoint_atomic(trainer, ckpt_dir / "last.ckpt")
+        if self.settings.save_checkpoints and trainer.is_global_zero:
+            # a copy (not a link: last.ckpt may later be rewritten in place), renamed atomically
+            kept = ckpt_dir / "analysis" / f"step={step}.ckpt"
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            tmp = kept.with_name(f".tmp-{kept.name}")
+            shutil.copyfile(ckpt_dir / "last.ckpt", tmp)
+            os.replace(tmp, kept)
 
     def write_over_training(self, trainer) -> None:
         sinks = RunSinks(self.run_dir, trainer.loggers)

@@ -24,6 +24,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from convergent.models import build_model
+from convergent.vectorized import StackedMembers
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("none", "cosine", "step")
@@ -80,6 +81,8 @@ class Ensemble(pl.LightningModule):
         self.val_acc = nn.ModuleList(MulticlassAccuracy(num_classes, average="micro") for _ in range(k))
         self.val_loss = nn.ModuleList(MeanMetric() for _ in range(k))
         self.vectorize = bool(vectorize)
+        # vectorize: all members in one vmapped call (convergent.vectorized); same results as the loop.
+        self.stacked = StackedMembers(self.members) if self.vectorize else None
 
     # --- forward -----------------------------------------------------------------------------
     def forward(self, x: Tensor) -> list[Tensor]:
@@ -92,8 +95,17 @@ class Ensemble(pl.LightningModule):
             return [(x[:, i], y[:, i]) for i in range(self.k)]
         return [(x, y)] * self.k
 
+    def member_logits(self, x: Tensor) -> Tensor:
+        """Logits of all members at once, [K, B, classes] (vectorize=true); `independent`
+        training batches are [B, K, ...], one image set per member."""
+        independent = self.data_order == "independent" and self.training
+        return self.stacked(self.members, x, member_dim=1 if independent else None)
+
     def member_losses(self, batch) -> list[Tensor]:
         x, y = batch[0], batch[1]
+        if self.vectorize:
+            logits = self.member_logits(x)
+            return [F.cross_entropy(logits[i], yi) for i, (_, yi) in enumerate(self.member_inputs(x, y))]
         return [F.cross_entropy(m(xi), yi) for m, (xi, yi) in zip(self.members, self.member_inputs(x, y))]
 
     # --- steps -------------------------------------------------------------------------------
@@ -112,8 +124,9 @@ class Ensemble(pl.LightningModule):
 
     def validation_step(self, batch, batch_idx: int) -> None:
         x, y = batch[0], batch[1]
+        stacked = self.member_logits(x) if self.vectorize else None
         for i, member in enumerate(self.members):
-            logits = member(x)
+            logits = stacked[i] if stacked is not None else member(x)
             self.val_loss[i].update(F.cross_entropy(logits, y, reduction="none"))
             self.val_acc[i].update(logits, y)
 

@@ -7,12 +7,15 @@ between the jobs of a multirun.
 
 from __future__ import annotations
 
+import csv
 import netrc
 import os
 from pathlib import Path
 
+from lightning_fabric.loggers.logger import rank_zero_experiment
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.loggers.csv_logs import ExperimentWriter
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 WANDB_MODES = ("online", "offline", "disabled")
 
@@ -39,11 +42,54 @@ def resolve_wandb_mode(requested: str | None) -> str:
     return mode
 
 
+def _wandb_settings(wb: dict):
+    import wandb
+
+    return wandb.Settings(init_timeout=float(wb.get("init_timeout", 60)), silent=True)
+
+
+class _ContinuingWriter(ExperimentWriter):
+    """Lightning's CSV writer deletes an existing metrics.csv; a resumed run continues it instead.
+    Rows at or after the first step logged now are dropped (the tail after the checkpoint)."""
+
+    def _check_log_dir_exists(self) -> None:
+        self._previous: tuple[list[str], list[dict]] | None = None
+        if os.path.isfile(self.metrics_file_path):
+            with open(self.metrics_file_path, newline="") as f:
+                reader = csv.DictReader(f)
+                rows = list(reader)
+                self._previous = (list(reader.fieldnames or []), rows)
+
+    def save(self) -> None:
+        if self._previous is not None and self.metrics:
+            header, rows = self._previous
+            self._previous = None
+            first = min(int(m["step"]) for m in self.metrics)
+            with open(self.metrics_file_path, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=header)
+                writer.writeheader()
+                writer.writerows(r for r in rows if int(r["step"]) < first)
+            self.metrics_keys = list(header)
+        super().save()
+
+
+class ContinuingCSVLogger(CSVLogger):
+    """CSVLogger whose metrics.csv survives a resume (see `_ContinuingWriter`)."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ContinuingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
 def build_loggers(cfg: dict, run_dir: Path, config: dict, group: str | None, run_name: str | None, run_id: str | None = None) -> list[Logger]:
     """CSV mirror (run_dir/metrics.csv) and W&B (run_dir/wandb/)."""
     loggers: list[Logger] = []
     if cfg.get("csv"):
-        loggers.append(CSVLogger(save_dir=str(run_dir), name="", version="csv"))
+        loggers.append(ContinuingCSVLogger(save_dir=str(run_dir), name="", version="csv"))
     wb = cfg.get("wandb")
     if wb:
         mode = resolve_wandb_mode(wb.get("mode"))
@@ -58,14 +104,32 @@ def build_loggers(cfg: dict, run_dir: Path, config: dict, group: str | None, run
             save_dir=str(run_dir),
             mode=mode,
             config=config,
+            settings=_wandb_settings(wb),
         )
         if mode == "offline" and not wb.get("mode") and not os.environ.get("WANDB_MODE"):
             rank_zero_info(
                 f"W&B: no API key found, logging offline under {run_dir / 'wandb'}; "
                 f"upload later with `wandb sync {run_dir / 'wandb'}/offline-run-*`"
             )
-        loggers.append(logger)
+        if start_or_warn(logger, mode):
+            loggers.append(logger)
     return loggers
+
+
+def start_or_warn(logger: WandbLogger, mode: str) -> bool:
+    """Start the W&B run now (rank 0), so an unreachable server or a broken install shows up
+    before training: warn in one line and carry on with the CSV mirror instead of failing."""
+    if mode == "disabled":
+        return True
+    try:
+        logger.experiment  # noqa: B018 - starts wandb.init on rank 0
+    except Exception as e:  # wandb raises its own error types (CommError, UsageError, ...)
+        rank_zero_warn(
+            f"W&B could not start ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            "continuing with the CSV mirror only (csv/metrics.csv)"
+        )
+        return False
+    return True
 
 
 def wandb_logger(loggers) -> WandbLogger | None:

@@ -3,6 +3,9 @@
     convergent-train                                   # the main job: 4 x alexnet_small on mnist5k
     convergent-train -m model.width=0.25,0.5           # a multirun, one W&B run per job
     convergent-train resume=outputs/2026-11-26/10-00-00   # continue a killed run
+
+Order of work: every check that can fail on bad input (config values, data paths, model size,
+probe size, statistics memory) runs before anything is written to the run directory.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -20,6 +24,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from convergent.config import ConfigError, validate
 from convergent.distributed import configure_strategy
@@ -30,83 +35,106 @@ from convergent.runinfo import RunInfo, resume_argv, summarize
 log = logging.getLogger("convergent")
 
 
-def build_callbacks(cfg: DictConfig, run_dir: Path, datamodule, ensemble: Ensemble) -> list[pl.Callback]:
-    from pytorch_lightning.callbacks import ModelCheckpoint
+@dataclass
+class Job:
+    """Everything built from the config before training starts."""
 
-    callbacks: list[pl.Callback] = [
-        ModelCheckpoint(
-            dirpath=str(run_dir / "checkpoints"),
-            filename="epoch={epoch}-step={step}",
-            auto_insert_metric_name=False,
-            save_last=True,
-            save_top_k=0,
-            every_n_epochs=int(cfg.callbacks.checkpoint.every_n_epochs),
+    cfg: DictConfig
+    run_dir: Path
+    datamodule: pl.LightningDataModule
+    ensemble: Ensemble
+    callbacks: list[pl.Callback]
+
+
+def run_dir_of(cfg: DictConfig) -> Path:
+    return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path(os.getcwd())
+
+
+def prepare(cfg: DictConfig, run_dir: Path) -> Job:
+    """Build data, members and callbacks, checking everything a user can get wrong.
+    Raises ConfigError (one line naming the problem and the fix); writes nothing."""
+    from convergent.callbacks import ConvergenceMonitor, LastCheckpoint
+
+    validate(cfg)
+    if cfg.torch_threads:
+        torch.set_num_threads(int(cfg.torch_threads))
+    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    try:
+        datamodule = instantiate(cfg.data)
+        datamodule.setup()
+        model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+        in_channels = model_cfg.pop("in_channels", None) or datamodule.in_channels
+        ensemble = Ensemble(
+            model=model_cfg,
+            num_classes=datamodule.num_classes,
+            in_channels=in_channels,
+            input_size=datamodule.input_size,
+            k=int(cfg.ensemble.k),
+            seeds=list(cfg.ensemble.seeds) if cfg.ensemble.seeds else None,
+            seed=int(cfg.seed),
+            data_order=cfg.ensemble.data_order,
+            optim=OmegaConf.to_container(cfg.optim, resolve=True),
+            clip_grad_norm=cfg.ensemble.clip_grad_norm,
+            vectorize=bool(cfg.ensemble.vectorize),
         )
-    ]
-    if cfg.callbacks.monitor:
-        from convergent.callbacks import ConvergenceMonitor
-
-        monitor = ConvergenceMonitor.from_config(cfg.analysis, run_dir=run_dir, datamodule=datamodule, k=ensemble.k)
-        monitor.prepare(ensemble)  # probe size, widths and memory checked before any training
-        callbacks.append(monitor)
-    return callbacks
+        datamodule.set_order(cfg.ensemble.data_order, ensemble.seeds)
+        callbacks: list[pl.Callback] = [LastCheckpoint(run_dir, cfg.callbacks.checkpoint.every_n_epochs)]
+        if cfg.callbacks.monitor:
+            monitor = ConvergenceMonitor.from_config(cfg.analysis, run_dir=run_dir, datamodule=datamodule, k=ensemble.k)
+            monitor.prepare(ensemble)  # probe size, layer widths and the statistics' memory
+            callbacks.append(monitor)
+    except ConfigError:
+        raise
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        raise ConfigError(str(e).splitlines()[0]) from e
+    return Job(cfg, run_dir, datamodule, ensemble, callbacks)
 
 
 def train(cfg: DictConfig) -> dict:
     """Run one job; returns the end-of-run summary (also printed)."""
     start = time.time()
-    validate(cfg)
-    if cfg.torch_threads:
-        torch.set_num_threads(int(cfg.torch_threads))
-    run_dir = Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else Path(os.getcwd())
-    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
-
-    datamodule = instantiate(cfg.data)
-    datamodule.setup()
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    in_channels = model_cfg.pop("in_channels", None) or datamodule.in_channels
-    ensemble = Ensemble(
-        model=model_cfg,
-        num_classes=datamodule.num_classes,
-        in_channels=in_channels,
-        input_size=datamodule.input_size,
-        k=int(cfg.ensemble.k),
-        seeds=list(cfg.ensemble.seeds) if cfg.ensemble.seeds else None,
-        seed=int(cfg.seed),
-        data_order=cfg.ensemble.data_order,
-        optim=OmegaConf.to_container(cfg.optim, resolve=True),
-        clip_grad_norm=cfg.ensemble.clip_grad_norm,
-        vectorize=bool(cfg.ensemble.vectorize),
-    )
-    datamodule.set_order(cfg.ensemble.data_order, ensemble.seeds)
+    run_dir = run_dir_of(cfg)
+    job = prepare(cfg, run_dir)
 
     info = RunInfo.load_or_create(run_dir)
     ckpt_path = cfg.ckpt_path or info.last_checkpoint()
     group = None
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         group = Path(HydraConfig.get().sweep.dir).name
-    resolved = OmegaConf.to_container(cfg, resolve=True)
     loggers = build_loggers(
-        OmegaConf.to_container(cfg.logger, resolve=True), run_dir, resolved, group, cfg.run_name, run_id=info.wandb_id
+        OmegaConf.to_container(cfg.logger, resolve=True),
+        run_dir,
+        OmegaConf.to_container(cfg, resolve=True),
+        group,
+        cfg.run_name,
+        run_id=info.wandb_id,
     )
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_cfg["strategy"] = configure_strategy(trainer_cfg.get("strategy", "auto"), trainer_cfg)
     trainer = pl.Trainer(
         **trainer_cfg,
         logger=loggers or False,
-        callbacks=build_callbacks(cfg, run_dir, datamodule, ensemble),
+        callbacks=job.callbacks,
         default_root_dir=str(run_dir),
+        enable_checkpointing=False,  # checkpoints/last.ckpt is written atomically by LastCheckpoint
         enable_model_summary=False,
     )
     try:
-        trainer.fit(ensemble, datamodule=datamodule, ckpt_path=ckpt_path)
-        summary = summarize(trainer, ensemble, run_dir, time.time() - start)
+        trainer.fit(job.ensemble, datamodule=job.datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException:
+        if trainer.is_global_zero:
+            print(
+                f"convergent: SIGTERM at step {trainer.global_step}: saved {run_dir / 'checkpoints' / 'last.ckpt'}; "
+                f"continue with `convergent-train resume={run_dir}`",
+                file=sys.stderr,
+            )
+        return {"preempted_at": int(trainer.global_step), "run_dir": str(run_dir)}
     finally:
-        finish_run(loggers)
-    return summary
+        finish_run()
+    return summarize(trainer, job.ensemble, run_dir, time.time() - start)
 
 
-def finish_run(loggers) -> None:
+def finish_run() -> None:
     """Close W&B and matplotlib so the next job of a multirun starts clean."""
     import matplotlib.pyplot as plt
 
@@ -126,6 +154,9 @@ def hydra_main(cfg: DictConfig) -> float | None:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except FloatingPointError as e:  # a member's loss became NaN/inf: the last good checkpoint is kept
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
     return summary.get("val/acc")
 
 

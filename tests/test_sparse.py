@@ -122,7 +122,7 @@ def test_planted_sparse_support_is_recovered():
     # an L1 weight above every correlation zeroes everything: the fit mean is predicted
     assert (res.weights[3] == 0).all() and res.nnz[3] == 0
     yf, yh = y[: n // 2], y[n // 2 :]
-    zero = (yh.var(0, correction=0) + (yh.mean(0) - yf.mean(0)) ** 2) / yf.var(0, correction=0)
+    zero = (yh.var(0, correction=0) + (yh.mean(0) - yf.mean(0)) ** 2) / y.var(0, correction=0)
     torch.testing.assert_close(res.error_per_unit[3], zero, atol=1e-9, rtol=0)
     assert (zero - 1).abs().max() < 0.05  # the fit mean scores about 1
 
@@ -142,16 +142,17 @@ def test_held_out_error_equals_direct_computation():
         # raw-unit predictor of the result
         pred = xh @ res.raw_weights[i].numpy().T + res.intercept[i].numpy()
         np.testing.assert_allclose(res.predict(xa[2000:], i).numpy(), pred, rtol=1e-12, atol=1e-12)
-        direct = ((yh - pred) ** 2).mean(0) / yf.var(0)
+        yall = np.concatenate([yf, yh])
+        direct = ((yh - pred) ** 2).mean(0) / yall.var(0)
         np.testing.assert_allclose(res.error_per_unit[i].numpy(), direct, rtol=1e-9, atol=1e-12)
         assert res.error[i].item() == pytest.approx(direct.mean(), rel=1e-9)
         # and sklearn's own model, fitted on the standardised fit split, scores the same
         sk = _sk_coef(xs, ys, lam)
         yhat = sk.predict(_standardise(xh, xf)) * yf.std(0) + yf.mean(0)
-        sk_err = ((yh - yhat) ** 2).mean(0) / yf.var(0)
+        sk_err = ((yh - yhat) ** 2).mean(0) / yall.var(0)
         np.testing.assert_allclose(res.error_per_unit[i].numpy(), sk_err, rtol=1e-6, atol=1e-8)
-    # all weights 0: the fit mean is predicted: error = (held-out variance + mean shift^2) / fit variance
-    expected = (yh.var(0) + (yh.mean(0) - yf.mean(0)) ** 2) / yf.var(0)
+    # all weights 0: the fit mean is predicted: error = (held-out variance + mean shift^2) / variance
+    expected = (yh.var(0) + (yh.mean(0) - yf.mean(0)) ** 2) / np.concatenate([yf, yh]).var(0)
     np.testing.assert_allclose(res.error_per_unit[3].numpy(), expected, rtol=1e-9)
     same = sparse_prediction(held, held, 0, 1, (100.0,))
     torch.testing.assert_close(same.error_per_unit[0], torch.ones(5, dtype=f64), atol=1e-12, rtol=0)
@@ -217,7 +218,7 @@ def test_all_dead_nets_give_no_nan():
     res = sparse_prediction(fit, held, 0, 1)
     assert (res.weights == 0).all() and (res.nnz == 0).all()
     yf, yh = xb[:400], xb[400:]
-    zero = ((yh.var(0, correction=0) + (yh.mean(0) - yf.mean(0)) ** 2) / yf.var(0, correction=0)).mean()
+    zero = ((yh.var(0, correction=0) + (yh.mean(0) - yf.mean(0)) ** 2) / xb.var(0, correction=0)).mean()
     assert torch.isfinite(res.error).all()
     torch.testing.assert_close(res.error, zero.expand(6), atol=1e-9, rtol=0)  # the fit mean is predicted
     fit, held = _stats(xa, torch.ones(600, 3, dtype=f64), 400)  # no live target
