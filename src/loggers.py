@@ -8,12 +8,17 @@ between the jobs of a multirun.
 from __future__ import annotations
 
 import csv
+import csv
 import netrc
 import os
 from pathlib import Path
 
+from lightning_fabric.utilities.cloud_io import get_filesystem
+
 from lightning_fabric.loggers.logger import rank_zero_experiment
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
+from pytorch_lightning.loggers.csv_logs import ExperimentWriter
+from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 

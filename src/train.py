@@ -56,6 +56,8 @@ def prepare(cfg: DictConfig, run_dir: Path) -> Job:
     from convergent.callbacks import ConvergenceMonitor, LastCheckpoint
 
     validate(cfg)
+    if cfg.ckpt_path and not Path(cfg.ckpt_path).exists():
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist; pass a checkpoint written by convergent-train")
     if cfg.torch_threads:
         torch.set_num_threads(int(cfg.torch_threads))
     pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
@@ -98,6 +100,7 @@ def train(cfg: DictConfig) -> dict:
 
     info = RunInfo.load_or_create(run_dir)
     ckpt_path = cfg.ckpt_path or info.last_checkpoint()
+    resume_step = checkpoint_step(ckpt_path) if ckpt_path else -1
     group = None
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         group = Path(HydraConfig.get().sweep.dir).name
@@ -108,6 +111,7 @@ def train(cfg: DictConfig) -> dict:
         group,
         cfg.run_name,
         run_id=info.wandb_id,
+        resume_step=resume_step,
     )
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_cfg["strategy"] = configure_strategy(trainer_cfg.get("strategy", "auto"), trainer_cfg)
@@ -132,6 +136,13 @@ def train(cfg: DictConfig) -> dict:
     finally:
         finish_run()
     return summarize(trainer, job.ensemble, run_dir, time.time() - start)
+
+
+def checkpoint_step(path: str) -> int:
+    """The global step a checkpoint was saved at."""
+    if not Path(path).exists():
+        raise ConfigError(f"ckpt_path={path} does not exist; pass a checkpoint written by convergent-train")
+    return int(torch.load(path, map_location="cpu", weights_only=False).get("global_step", 0))
 
 
 def finish_run() -> None:
