@@ -135,10 +135,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     finally:
-        import wandb
+        from convergent.train import finish_run
 
-        if wandb.run is not None:
-            wandb.finish()
+        finish_run()
     print(
         f"convergent-analyze: step {result['step']}, {len(result['scalars'])} scalars, "
         f"written to {result['out_dir']} in {time.time() - start:.1f} s"

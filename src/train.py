@@ -150,9 +150,11 @@ def finish_run() -> None:
     import matplotlib.pyplot as plt
 
     try:
-        import wandb
-
-        if wandb.run is not None:
+        try:
+            import wandb
+        except ImportError:  # W&B is optional at run time (logger=csv)
+            wandb = None
+        if wandb is not None and wandb.run is not None:
             wandb.finish()
     finally:
         plt.close("all")
