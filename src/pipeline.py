@@ -103,7 +103,7 @@ def run_correlation(report: StepReport, layer: str, ls: LayerStats, probe: Probe
     if null is not None:
         semi, best = [], []
         for a, b in s.baseline_pairs:
-            corr = null.corr(a, b)
+            corr = null.corr(probe.null_index[a], probe.null_index[b])
             semi.append(float(matching.semi_match(corr)[1].mean()))
             idx, val = matching.max_match(corr)
             best.append(float(val[idx >= 0].mean()))
@@ -143,7 +143,10 @@ def run_sparse(report: StepReport, layer: str, ls: LayerStats, probe: ProbeStats
             report.pair_scalar(f"sparse/{layer}/error/l1={l1_label(w)}", a, b, err)
             report.pair_scalar(f"sparse/{layer}/nnz/l1={l1_label(w)}", a, b, nnz)
     if ls.null_fit is not None:
-        errors = np.mean([path(ls.null_fit, ls.null_held, a, b).error.cpu().numpy() for a, b in s.baseline_pairs], axis=0)
+        nx = probe.null_index
+        errors = np.mean(
+            [path(ls.null_fit, ls.null_held, nx[a], nx[b]).error.cpu().numpy() for a, b in s.baseline_pairs], axis=0
+        )
         for w, err in zip(s.l1, errors):
             report.scalars[f"sparse/{layer}/error/l1={l1_label(w)}/null"] = float(err)
 
@@ -220,7 +223,7 @@ def _run_family(family: str):
             if null is not None:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", measures.SampleSizeWarning)  # warned once above
-                    values = [fn(null, a, b) for a, b in s.baseline_pairs]
+                    values = [fn(null, probe.null_index[a], probe.null_index[b]) for a, b in s.baseline_pairs]
                 report.scalars[f"{family}/{layer}/{name}/null"] = float(np.mean(values))
 
     return run

@@ -47,8 +47,8 @@ class ProbeOptions:
 
 @dataclass
 class LayerStats:
-    fit: MomentStats
-    held: MomentStats
+    fit: MomentStats  # even probe images (every image at light steps)
+    held: MomentStats | None  # odd probe images (None at light steps)
     null_fit: MomentStats | None = None
     null_held: MomentStats | None = None
     mi_counts: dict[tuple[int, int], Tensor] | None = None
@@ -57,11 +57,14 @@ class LayerStats:
 
     @property
     def all(self) -> MomentStats:
-        return self.fit + self.held
+        """Every probe image (at light steps everything is in `fit` and `held` is empty)."""
+        return self.fit if self.held is None else self.fit + self.held
 
     @property
     def null(self) -> MomentStats | None:
-        return None if self.null_fit is None else self.null_fit + self.null_held
+        if self.null_fit is None:
+            return None
+        return self.null_fit if self.null_held is None else self.null_fit + self.null_held
 
 
 @dataclass
@@ -71,6 +74,7 @@ class ProbeStats:
     n_images: int
     pooled: MomentStats | None = None  # nets indexed by pooled_index[(layer, member)]
     pooled_index: dict[tuple[str, int], int] = field(default_factory=dict)
+    null_index: dict[int, int] = field(default_factory=dict)  # member -> its net index in the null stats
 
 
 def unit_subset(width: int, max_units: int | None, layer: str) -> Tensor | None:
@@ -109,6 +113,10 @@ class ProbeRunner:
         self.widths = {layer: (len(u) if u is not None else widths[layer]) for layer, u in self.units.items()}
         self.pooled_index, self.pooled_pairs = pooled_blocks(options.layers, k, options.heavy_pairs)
         self.top_members = sorted({i for p in member_pairs(k, options.heavy_pairs) for i in p})
+        # The null needs only the members of its pairs: statistics over those, re-indexed 0..
+        self.null_members = sorted({i for p in member_pairs(k, options.null_pairs) for i in p})
+        self.null_index = {m: i for i, m in enumerate(self.null_members)}
+        self.null_pair_index = [(self.null_index[a], self.null_index[b]) for a, b in member_pairs(k, options.null_pairs)]
         self.pooled_sizes = [self.widths[layer] for layer in options.layers for _ in range(k)]
         self.mi_layers = [l for l in options.layers if options.mi_layers is None or l in options.mi_layers]
         self._acc: dict[str, Any] | None = None
@@ -132,7 +140,7 @@ class ProbeRunner:
             sizes = [self.widths[layer]] * k
             est["moments"] += 2 * estimate_state_bytes(sizes, o.pairs)
             if o.null and k > 1:
-                est["null"] += 2 * estimate_state_bytes(sizes, o.null_pairs)
+                est["null"] += 2 * estimate_state_bytes([self.widths[layer]] * len(self.null_members), self.null_pair_index)
             if o.mutual_info and k > 1 and layer in self.mi_layers:
                 est["mutual_info"] += estimate_joint_bytes(sizes, o.heavy_pairs) + 8 * sum(sizes) * 1203
             if o.top_k and layer in CONV_LAYERS:
@@ -186,8 +194,12 @@ class ProbeRunner:
             "device": device,
             "fit": {l: moments([self.widths[l]] * k) for l in layers},
             "held": {l: moments([self.widths[l]] * k) for l in layers},
-            "null_fit": {l: moments([self.widths[l]] * k, o.null_pairs) for l in layers} if null_on else {},
-            "null_held": {l: moments([self.widths[l]] * k, o.null_pairs) for l in layers} if null_on else {},
+            "null_fit": {l: moments([self.widths[l]] * len(self.null_members), self.null_pair_index) for l in layers}
+            if null_on
+            else {},
+            "null_held": {l: moments([self.widths[l]] * len(self.null_members), self.null_pair_index) for l in layers}
+            if null_on
+            else {},
             "bins": {l: UnitBins([self.widths[l]] * k).to(device) for l in (self.mi_layers if o.mutual_info and k > 1 else [])},
             "top": {
                 l: TopActivations([self.widths[l]] * len(self.top_members), k=o.top_k).to(device)
@@ -216,7 +228,7 @@ class ProbeRunner:
         bins, top, pooled = acc["bins"], acc["top"], acc["pooled"]
         if not full:
             bins, top, pooled = {}, {}, None
-        shift = CyclicShift(k) if null_fit else None
+        shift = CyclicShift(len(self.null_members)) if null_fit else None
         n_images = 0
 
         def fold_null(rows: list[dict[str, Tensor]] | None, first_row: int) -> None:
@@ -226,8 +238,11 @@ class ProbeRunner:
             even = (torch.arange(first_row, first_row + n, device=device) % 2) == 0
             for l in layers:
                 acts = [r[l] for r in rows]
-                null_fit[l].update(*[a[even] for a in acts])
-                null_held[l].update(*[a[~even] for a in acts])
+                if full:
+                    null_fit[l].update(*[a[even] for a in acts])
+                    null_held[l].update(*[a[~even] for a in acts])
+                else:
+                    null_fit[l].update(*acts)
 
         with evaluating(members), torch.no_grad():
             for batch in loader:
@@ -237,8 +252,11 @@ class ProbeRunner:
                 even = (index % 2) == 0
                 for l in layers:
                     acts = [t[l] for t in taps]
-                    fit[l].update(*[a[even] for a in acts])
-                    held[l].update(*[a[~even] for a in acts])
+                    if full:
+                        fit[l].update(*[a[even] for a in acts])
+                        held[l].update(*[a[~even] for a in acts])
+                    else:  # no held-out analysis at light steps: one accumulator, no split copies
+                        fit[l].update(*acts)
                     if l in bins:
                         bins[l].update(*self.mi_acts(l, acts))
                     if l in top:
@@ -246,7 +264,7 @@ class ProbeRunner:
                 if pooled is not None:
                     pooled.update(*self._pooled_acts(taps))
                 if shift is not None:
-                    fold_null(shift.push(taps), max(shift.seen, k - 1))
+                    fold_null(shift.push([taps[m] for m in self.null_members]), max(shift.seen, shift.k - 1))
             if shift is not None:
                 fold_null(shift.finish(), 0)
 
@@ -264,9 +282,9 @@ class ProbeRunner:
         result = {
             l: LayerStats(
                 fit=fit[l].compute(),
-                held=held[l].compute(),
+                held=held[l].compute() if full else None,
                 null_fit=null_fit[l].compute() if l in null_fit else None,
-                null_held=null_held[l].compute() if l in null_held else None,
+                null_held=null_held[l].compute() if l in null_held and full else None,
                 mi_counts=joint[l].compute() if l in joint else None,
                 top=dict(zip(self.top_members, top[l].compute())) if l in top else None,
                 units=self.units[l],
@@ -279,6 +297,7 @@ class ProbeRunner:
             n_images=n_images,
             pooled=pooled.compute() if pooled is not None else None,
             pooled_index=self.pooled_index,
+            null_index=self.null_index,
         )
 
 

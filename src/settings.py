@@ -77,7 +77,7 @@ class AnalysisSettings:
     schedule_kind: str = "log"
     points_per_decade: int = 3
     every: int = 1
-    full_every: int = 4
+    full_every: int = 5
     figures: str = "full"  # full: at every full step | ends: step 0 and the end | none
     save_checkpoints: bool = True
     heavy_pairs: list[tuple[int, int]] | None = field(default_factory=lambda: [(0, 1)])
@@ -191,7 +191,7 @@ class AnalysisSettings:
             schedule_kind=kind,
             points_per_decade=int(schedule.get("points_per_decade", 3)),
             every=int(schedule.get("every", 1)),
-            full_every=int(cfg.get("full_every", 4)),
+            full_every=int(cfg.get("full_every", 5)),
             figures=str(cfg.get("figures", "full")),
             save_checkpoints=bool(cfg.get("save_checkpoints", True)),
             heavy_pairs=_pairs(cfg.get("heavy_pairs", "first"), k, "analysis.heavy_pairs"),
