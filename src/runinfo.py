@@ -28,7 +28,9 @@ class RunInfo:
         path = Path(run_dir) / RUN_FILE
         if path.exists():
             return cls(**json.loads(path.read_text()))
-        info = cls(run_dir=str(run_dir), wandb_id=uuid.uuid4().hex[:8])
+        # under a W&B sweep agent the run id is the agent's (W&B ignores any other id there)
+        run_id = os.environ.get("WANDB_RUN_ID") if os.environ.get("WANDB_SWEEP_ID") else None
+        info = cls(run_dir=str(run_dir), wandb_id=run_id or uuid.uuid4().hex[:8])
         if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
