@@ -1,5 +1,5 @@
-"""`checkpoints/last.ckpt`, always written atomically: at epoch ends, after every analysis step
-(the monitor), and at once on SIGTERM.
+"""`checkpoints/last.ckpt`, always written atomically: at epoch ends (after an epoch's last batch,
+see `ends_epoch`), after every analysis step (the monitor), and at once on SIGTERM.
 
 SIGTERM (SLURM preemption, scancel, a node being drained): Lightning turns it into a
 `SIGTERMException` after the current batch, on every rank; `on_exception` saves the checkpoint,
@@ -27,14 +27,46 @@ def save_checkpoint_atomic(trainer: pl.Trainer, path: Path) -> None:
         os.replace(tmp, path)
 
 
+def ends_epoch(trainer: pl.Trainer, batch_idx: int) -> bool:
+    """Is this the epoch's last training batch? Epoch-end work that writes a checkpoint runs here,
+    in on_train_batch_end: Lightning (2.x) resumes a checkpoint written in on_train_epoch_end one
+    epoch too far (it re-runs that epoch's end, then skips the next epoch) and logs every later row
+    one step late; from the last batch's end it resumes exactly."""
+    total = trainer.num_training_batches
+    return total != float("inf") and batch_idx + 1 >= total
+
+
 class LastCheckpoint(pl.Callback):
     def __init__(self, run_dir: str | Path, every_n_epochs: int = 1) -> None:
         self.last = Path(run_dir) / "checkpoints" / "last.ckpt"
         self.every_n_epochs = max(1, int(every_n_epochs))
         self.sigterm_step: int | None = None
+        self._restored = False
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        self._restored = True
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        """Lightning (2.x) restores its logging step (`_batches_that_stepped`, the `step` of every
+        train/val row) one too high from a checkpoint written after an epoch's end (on_train_epoch_end,
+        or on_train_end when fit stopped at an epoch's end), so a resumed run would log every later
+        row one step late, one more per resume. Between batches it equals the number of optimizer
+        steps, i.e. the global step: put it back once, at the first batch after a restore."""
+        if self._restored:
+            self._restored = False
+            loop = trainer.fit_loop.epoch_loop
+            if pl_module.automatic_optimization and isinstance(getattr(loop, "_batches_that_stepped", None), int):
+                loop._batches_that_stepped = int(trainer.global_step)
+
+    def _epoch_due(self, trainer: pl.Trainer) -> bool:
+        return (trainer.current_epoch + 1) % self.every_n_epochs == 0
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
+        if ends_epoch(trainer, batch_idx) and self._epoch_due(trainer):
+            save_checkpoint_atomic(trainer, self.last)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+        if trainer.num_training_batches == float("inf") and self._epoch_due(trainer):  # no known last batch
             save_checkpoint_atomic(trainer, self.last)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

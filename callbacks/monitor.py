@@ -20,7 +20,7 @@ from typing import Any
 import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_info
 
-from convergent.callbacks.checkpointing import save_checkpoint_atomic
+from convergent.callbacks.checkpointing import ends_epoch, save_checkpoint_atomic
 from convergent.callbacks.schedule import Schedule
 from convergent.config import ConfigError
 from convergent.pipeline import analyze
@@ -59,8 +59,8 @@ def check_memory(runner: ProbeRunner, settings: AnalysisSettings) -> dict[str, i
     if est["total"] > settings.memory_limit_gb * GIB:
         raise ConfigError(
             f"the statistics need {est['total'] / GIB:.2f} GiB ({parts} GiB), over analysis.memory_limit_gb="
-            f"{settings.memory_limit_gb}; set analysis.max_units, restrict analysis.pairs, turn off analysis.null "
-            "or mutual_info, or raise the limit"
+            f"{settings.memory_limit_gb}; set analysis.max_units, restrict analysis.pairs, set analysis.permutation_null=false "
+            "or drop mutual_info from analysis.analyses, or raise the limit"
         )
     return est
 
@@ -103,11 +103,13 @@ class ConvergenceMonitor(pl.Callback):
             self.analyse(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.schedule.due_after_step(trainer.global_step):
+        # every_n_epochs: after the epoch's last batch (its checkpoint resumes exactly; see ends_epoch)
+        epoch_end = ends_epoch(trainer, batch_idx) and self.schedule.due_after_epoch(trainer.current_epoch)
+        if epoch_end or self.schedule.due_after_step(trainer.global_step):
             self.analyse(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if self.schedule.due_after_epoch(trainer.current_epoch):
+        if self.schedule.due_after_epoch(trainer.current_epoch):  # a no-op when done after the last batch
             self.analyse(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:

@@ -138,6 +138,8 @@ def main(argv: list[str] | None = None) -> None:
         from convergent.train import finish_run
 
         finish_run()
+    for failure in result["report"].failures:
+        print(f"convergent-analyze: {failure}", file=sys.stderr)
     print(
         f"convergent-analyze: step {result['step']}, {len(result['scalars'])} scalars, "
         f"written to {result['out_dir']} in {time.time() - start:.1f} s"

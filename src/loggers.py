@@ -8,18 +8,13 @@ between the jobs of a multirun.
 from __future__ import annotations
 
 import csv
-import csv
 import netrc
 import os
 from pathlib import Path
 
-from lightning_fabric.utilities.cloud_io import get_filesystem
-
-from lightning_fabric.loggers.logger import rank_zero_experiment
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.loggers.logger import rank_zero_experiment
-from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 WANDB_MODES = ("online", "offline", "disabled")
@@ -55,46 +50,63 @@ def _wandb_settings(wb: dict):
 
 class _ContinuingWriter(ExperimentWriter):
     """Lightning's CSV writer deletes an existing metrics.csv; a resumed run continues it instead.
-    Rows at or after the first step logged now are dropped (the tail after the checkpoint)."""
+    Rows up to `keep_through` (the step of the checkpoint the run resumes from) are kept; the tail
+    a killed run logged after its checkpoint is dropped, since the resumed run logs it again.
+    `keep_through=-1` (no checkpoint: a fresh start) drops every row."""
+
+    def __init__(self, log_dir: str, keep_through: int = -1) -> None:
+        self.keep_through = int(keep_through)
+        super().__init__(log_dir=log_dir)
 
     def _check_log_dir_exists(self) -> None:
-        self._previous: tuple[list[str], list[dict]] | None = None
-        if os.path.isfile(self.metrics_file_path):
-            with open(self.metrics_file_path, newline="") as f:
-                reader = csv.DictReader(f)
-                rows = list(reader)
-                self._previous = (list(reader.fieldnames or []), rows)
-
-    def save(self) -> None:
-        if self._previous is not None and self.metrics:
-            header, rows = self._previous
-            self._previous = None
-            first = min(int(m["step"]) for m in self.metrics)
-            with open(self.metrics_file_path, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=header)
-                writer.writeheader()
-                writer.writerows(r for r in rows if int(r["step"]) < first)
-            self.metrics_keys = list(header)
-        super().save()
+        if not os.path.isfile(self.metrics_file_path):
+            return
+        with open(self.metrics_file_path, newline="") as f:
+            reader = csv.DictReader(f)
+            rows = [r for r in reader if r.get("step") not in (None, "") and int(float(r["step"])) <= self.keep_through]
+            header = list(reader.fieldnames or [])
+        if not rows:
+            os.remove(self.metrics_file_path)
+            return
+        tmp = f"{self.metrics_file_path}.tmp"
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=header)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, self.metrics_file_path)
+        self.metrics_keys = header
 
 
 class ContinuingCSVLogger(CSVLogger):
     """CSVLogger whose metrics.csv survives a resume (see `_ContinuingWriter`)."""
+
+    def __init__(self, *args, keep_through: int = -1, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._keep_through = int(keep_through)
 
     @property
     @rank_zero_experiment
     def experiment(self) -> ExperimentWriter:
         if self._experiment is None:
             self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _ContinuingWriter(log_dir=self.log_dir)
+            self._experiment = _ContinuingWriter(log_dir=self.log_dir, keep_through=self._keep_through)
         return self._experiment
 
 
-def build_loggers(cfg: dict, run_dir: Path, config: dict, group: str | None, run_name: str | None, run_id: str | None = None) -> list[Logger]:
-    """CSV mirror (run_dir/metrics.csv) and W&B (run_dir/wandb/)."""
+def build_loggers(
+    cfg: dict,
+    run_dir: Path,
+    config: dict,
+    group: str | None,
+    run_name: str | None,
+    run_id: str | None = None,
+    resume_step: int = -1,
+) -> list[Logger]:
+    """CSV mirror (run_dir/csv/metrics.csv) and W&B (run_dir/wandb/). `resume_step`: the global
+    step of the checkpoint the run resumes from (-1: none); the CSV keeps its rows up to it."""
     loggers: list[Logger] = []
     if cfg.get("csv"):
-        loggers.append(ContinuingCSVLogger(save_dir=str(run_dir), name="", version="csv"))
+        loggers.append(ContinuingCSVLogger(save_dir=str(run_dir), name="", version="csv", keep_through=resume_step))
     wb = cfg.get("wandb")
     if wb:
         mode = resolve_wandb_mode(wb.get("mode"))

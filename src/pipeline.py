@@ -63,6 +63,12 @@ class StepReport:
         for key in bad:
             self.failures.append(f"step {self.step}: {key} was not finite and was dropped")
             del self.scalars[key]
+        # nor the npz (nor a figure drawn from it): activations that overflowed (a diverging member,
+        # fp16) give statistics of inf/NaN
+        bad = [k for k, v in self.arrays.items() if v.dtype.kind in "fc" and not np.isfinite(v).all()]
+        for key in bad:
+            self.failures.append(f"step {self.step}: array {key} was not finite and was dropped")
+            del self.arrays[key]
         return self
 
     def array(self, key: str, value) -> None:
@@ -166,7 +172,8 @@ def run_spectral(report: StepReport, layer: str, ls: LayerStats, probe: ProbeSta
         report.pair_scalar(f"spectral/{layer}/shared_fraction", a, b, summary["shared_fraction"])
         within = summary["within_cluster_corr"]
         report.pair_scalar(f"spectral/{layer}/within_corr", a, b, 0.0 if not np.isfinite(within) else within)
-        report.pair_scalar(f"spectral/{layer}/random_corr", a, b, summary["random_within_cluster_corr"])
+        chance = summary["random_within_cluster_corr"]  # NaN, like `within`, when no a-b pair shares a cluster
+        report.pair_scalar(f"spectral/{layer}/random_corr", a, b, 0.0 if not np.isfinite(chance) else chance)
 
 
 def run_hierarchical(report: StepReport, layer: str, ls: LayerStats, probe: ProbeStats, s: AnalysisSettings) -> None:

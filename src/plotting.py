@@ -320,27 +320,41 @@ def patch_cropper(report: StepReport, layer: str, members, probe_set):
 
 
 def step_figures(report: StepReport, settings: AnalysisSettings, members=None, probe_set=None):
-    """Yields (key, figure) for every figure of one analysis step, one at a time."""
-    s, k = settings, settings.k
+    """Yields (key, figure) for every figure of one analysis step, one at a time. A figure that
+    cannot be drawn is a failure of the step (in `report.failures`), not a crash: the others follow."""
+    for key, draw in _figure_plan(report, settings, members, probe_set):
+        before = set(plt.get_fignums())
+        try:
+            fig = draw()
+        except Exception as e:
+            report.failures.append(f"step {report.step}: figure {key} failed: {type(e).__name__}: {e}")
+            for number in set(plt.get_fignums()) - before:  # left open by the failed drawing
+                plt.close(number)
+            continue
+        if fig is not None:
+            yield key, fig
+
+
+def _figure_plan(report: StepReport, s: AnalysisSettings, members, probe_set):
+    """(key, drawing function) for every figure the settings ask for."""
     for a, b in s.plotted_pairs:
         tag = pair_suffix(a, b)
-        yield from _named(f"corr/{tag}", correlation_figure(report, s.layers, a, b))
-        yield from _named(f"matching/{tag}", matching_figure(report, s.layers, a, b))
+        yield f"corr/{tag}", lambda a=a, b=b: correlation_figure(report, s.layers, a, b)
+        yield f"matching/{tag}", lambda a=a, b=b: matching_figure(report, s.layers, a, b)
         if s.on("spectral"):
-            yield from _named(f"spectral/{tag}", spectral_figure(report, s.layers, a, b))
+            yield f"spectral/{tag}", lambda a=a, b=b: spectral_figure(report, s.layers, a, b)
         if s.on("hierarchical"):
-            yield from _named(f"hier/{tag}", dendrogram_figure(report, s.layers, a, b))
+            yield f"hier/{tag}", lambda a=a, b=b: dendrogram_figure(report, s.layers, a, b)
         if s.on("patches") and members is not None and probe_set is not None:
-            croppers = {l: patch_cropper(report, l, members, probe_set) for l in s.conv_layers}
-            yield from _named(f"patches/{tag}", patch_figure(report, s.conv_layers, a, b, croppers, s.patch_pairs))
+
+            def patches(a=a, b=b):
+                croppers = {l: patch_cropper(report, l, members, probe_set) for l in s.conv_layers}
+                return patch_figure(report, s.conv_layers, a, b, croppers, s.patch_pairs)
+
+            yield f"patches/{tag}", patches
         if s.on("cross_layer"):
-            yield from _named(f"cross_layer/{tag}", cross_layer_figure(report, s.layers, a, b))
+            yield f"cross_layer/{tag}", lambda a=a, b=b: cross_layer_figure(report, s.layers, a, b)
     if s.on("mean_activation"):
-        yield from _named("act/mean", mean_activation_figure(report, s.layers, k))
+        yield "act/mean", lambda: mean_activation_figure(report, s.layers, s.k)
     if s.on("sparse"):
-        yield from _named("sparse/error_vs_nnz", sparse_figure(report, s))
-
-
-def _named(key: str, fig):
-    if fig is not None:
-        yield key, fig
+        yield "sparse/error_vs_nnz", lambda: sparse_figure(report, s)

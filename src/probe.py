@@ -264,7 +264,8 @@ class ProbeRunner:
                 if pooled is not None:
                     pooled.update(*self._pooled_acts(taps))
                 if shift is not None:
-                    fold_null(shift.push([taps[m] for m in self.null_members]), max(shift.seen, shift.k - 1))
+                    first_row = max(shift.seen, shift.k - 1)  # the first row this push completes
+                    fold_null(shift.push([taps[m] for m in self.null_members]), first_row)
             if shift is not None:
                 fold_null(shift.finish(), 0)
 

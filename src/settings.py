@@ -221,6 +221,14 @@ class AnalysisSettings:
             raise ConfigError(f"analysis.probe_size={self.probe_size} and analysis.batch_size={self.batch_size} must be >= 1")
         if self.n_clusters < 2:
             raise ConfigError(f"analysis.spectral.n_clusters={self.n_clusters} must be at least 2")
+        null_members = len({i for pair in self.baseline_pairs for i in pair})
+        if self.null and self.probe_size < null_members:
+            # the null shifts member i's probe sequence by i images: it needs an image per member
+            raise ConfigError(
+                f"analysis.probe_size={self.probe_size} is too small for the permutation null over {null_members} "
+                "members (it needs at least one probe image per member); raise analysis.probe_size or set "
+                "analysis.permutation_null=false"
+            )
         if self.affinity not in ("abs", "shifted"):
             raise ConfigError(f"analysis.spectral.affinity={self.affinity!r} is not valid; choose one of: abs, shifted")
         if self.linkage not in ("average", "single", "complete", "weighted"):

@@ -113,6 +113,7 @@ def train(cfg: DictConfig) -> dict:
         run_id=info.wandb_id,
         resume_step=resume_step,
     )
+    launch_env = {key: os.environ.get(key) for key in DDP_ENV}
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     trainer_cfg["strategy"] = configure_strategy(trainer_cfg.get("strategy", "auto"), trainer_cfg)
     trainer = pl.Trainer(
@@ -134,7 +135,7 @@ def train(cfg: DictConfig) -> dict:
             )
         return {"preempted_at": int(trainer.global_step), "run_dir": str(run_dir)}
     finally:
-        finish_run()
+        finish_run(launch_env)
     return summarize(trainer, job.ensemble, run_dir, time.time() - start)
 
 
@@ -145,8 +146,14 @@ def checkpoint_step(path: str) -> int:
     return int(torch.load(path, map_location="cpu", weights_only=False).get("global_step", 0))
 
 
-def finish_run() -> None:
-    """Close W&B and matplotlib so the next job of a multirun starts clean."""
+# Set in this process by a DDP launch (Lightning's launcher, convergent.distributed): left behind,
+# the next job of a multirun takes its ranks as launched already and joins a dead process group.
+DDP_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "GLOBAL_RANK", "RANK")
+
+
+def finish_run(launch_env: dict[str, str | None] | None = None) -> None:
+    """Close W&B and matplotlib, end the process group and put the DDP environment variables back
+    as they were before the job (`launch_env`), so the next job of a multirun starts clean."""
     import matplotlib.pyplot as plt
 
     try:
@@ -158,6 +165,13 @@ def finish_run() -> None:
             wandb.finish()
     finally:
         plt.close("all")
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        for key, value in (launch_env or {}).items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 @hydra.main(version_base="1.3", config_path="pkg://convergent.conf", config_name="train")

@@ -11,10 +11,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def cli_env(**extra) -> dict:
+    """The environment of a CLI run: W&B offline, no API key; `NAME=None` removes NAME."""
     env = dict(os.environ)
     env.update(WANDB_MODE="offline", WANDB_SILENT="true", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     env.pop("WANDB_API_KEY", None)
-    env.update(extra)
+    for key, value in extra.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = str(value)
     return env
 
 

@@ -179,7 +179,7 @@ class AlexNet(nn.Module):
             if side < 1:
                 raise ValueError(
                     f"input size {self.input_size} px is too small for this model: the feature map "
-                    "vanishes before fc6; use a larger input (model.input_size / data resize)"
+                    "vanishes before fc6; use larger images (data.crop / data.input_size) or model=alexnet_small"
                 )
         return channels * side * side
 

@@ -59,7 +59,7 @@ class CyclicShift:
         if m < self.k:
             raise ValueError(
                 f"the permutation null needs more probe images per process ({m}) than members ({self.k}); "
-                "raise analysis.probe_size or set analysis.null=false"
+                "raise analysis.probe_size or set analysis.permutation_null=false"
             )
         out = []
         for i in range(self.k):
