@@ -1,0 +1,291 @@
+"""Faults: a run killed with SIGKILL resumes (by `resume=` and by itself) with every analysis step
+logged exactly once; SIGTERM checkpoints at once and exits cleanly; a failing analysis is
+reported and the rest go on; an unreachable W&B server falls back to the CSV mirror."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import cli_env, run_cli
+
+# A small run with an analysis every 5 steps (light analyses, no figures: ~1 s per analysis step).
+STEPS, EVERY = 40, 5
+SMALL = (
+    "debug=tiny",
+    f"trainer.max_steps={STEPS}",
+    "trainer.max_epochs=10",  # 8 steps per epoch
+    "trainer.limit_val_batches=1",
+    "analysis.schedule.kind=every_n_steps",
+    f"analysis.schedule.every={EVERY}",
+    "analysis.analyses=[correlation,cka]",
+    "analysis.layers=[conv1,conv5,fc7]",
+    "analysis.figures=none",
+    "analysis.permutation_null=false",
+)
+SCHEDULE = list(range(0, STEPS + 1, EVERY))
+
+
+def read_csv(run_dir: Path) -> list[dict]:
+    with open(run_dir / "csv" / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def logged_steps(rows: list[dict], key: str) -> list[int]:
+    """Every step at which `key` was logged, in file order (duplicates kept)."""
+    return [int(r["step"]) for r in rows if r.get(key) not in (None, "")]
+
+
+def npz_steps(run_dir: Path) -> list[int]:
+    return sorted(int(p.stem.split("=")[1]) for p in (run_dir / "analysis").glob("step=*.npz"))
+
+
+def ckpt_step(path: Path) -> int:
+    return int(torch.load(path, map_location="cpu", weights_only=False)["global_step"])
+
+
+def wandb_runs(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "wandb").glob("offline-run-*"))
+
+
+def start(args, cwd: Path, log: Path) -> subprocess.Popen:
+    """The CLI in its own session (process group), so a SIGKILL can take the whole job down, W&B's
+    service process included, as a node failure or `scancel -s KILL` would."""
+    with open(log, "w") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "convergent.train", *args],
+            cwd=cwd,
+            env=cli_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def kill_group(proc: subprocess.Popen, sig=signal.SIGKILL) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def wait_for(path: Path, proc: subprocess.Popen, log: Path, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended ({proc.returncode}) before {path.name} appeared:\n{log.read_text()[-4000:]}")
+        if time.monotonic() > deadline:
+            kill_group(proc)
+            raise AssertionError(f"{path.name} did not appear in {timeout} s:\n{log.read_text()[-4000:]}")
+        time.sleep(0.05)
+
+
+def kill_when(path: Path, proc: subprocess.Popen, log: Path) -> None:
+    """SIGKILL the job as soon as `path` exists (in the middle of writing that analysis step)."""
+    try:
+        wait_for(path, proc, log)
+        kill_group(proc)
+        proc.wait(timeout=60)
+    finally:
+        kill_group(proc)  # whatever happens, nothing of the job stays behind
+    assert proc.returncode == -signal.SIGKILL, proc.returncode
+
+
+def test_sigkill_sigterm_and_requeue_resume_with_every_analysis_step_once(tmp_path):
+    """One run, interrupted twice (three processes: the suite's time budget allows no more):
+    1. SIGKILL while it writes analysis step 10 (the whole process group, as a node failure);
+    2. `convergent-train resume=RUN` continues it; SIGTERM (preemption) after step 25: it writes
+       `last.ckpt` at once (at the step it reached), prints one line and exits with status 0;
+    3. a plain rerun into the same fixed run directory (a requeued job, no `resume=`) continues
+       by itself and finishes.
+    Then the CSV mirror and the npz files hold every scheduled analysis step exactly once (and the
+    training rows every step once, at the steps of an uninterrupted run), the step count is right
+    and W&B continued one run id across the three processes."""
+    run_dir = tmp_path / "run"
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    args = (*SMALL, f"hydra.run.dir={run_dir}")
+
+    # 1. SIGKILL
+    log = tmp_path / "1-killed.log"
+    kill_when(run_dir / "analysis" / "step=10.npz", start(args, tmp_path, log), log)
+    assert ckpt_step(ckpt) <= 10
+    first_id = json.loads((run_dir / "run.json").read_text())["wandb_id"]
+
+    # 2. resume=, then SIGTERM
+    log = tmp_path / "2-resumed-then-sigterm.log"
+    proc = start([f"resume={run_dir}"], tmp_path, log)
+    try:
+        wait_for(run_dir / "analysis" / "step=25.npz", proc, log)
+        time.sleep(0.5)
+        sent = time.time()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=180)
+    finally:
+        kill_group(proc)
+    output = log.read_text()
+    assert "Restored all states from the checkpoint" in output, output[-3000:]
+    assert proc.returncode == 0, output[-3000:]
+    lines = [line for line in output.splitlines() if "SIGTERM at step" in line]
+    assert len(lines) == 1 and lines[0].startswith("convergent: SIGTERM at step"), output[-3000:]
+    assert f"resume={run_dir}" in lines[0] and str(ckpt) in lines[0]
+    reached = int(lines[0].split("SIGTERM at step ")[1].split(":")[0])
+    assert 25 <= reached < STEPS
+    # written by the SIGTERM handler (unless `reached` is also an analysis or epoch-end step, whose
+    # checkpoint would satisfy this too: then the check is weaker, not wrong)
+    assert ckpt_step(ckpt) == reached, "last.ckpt is not at the step the run reached"
+    assert ckpt.stat().st_mtime >= sent - 0.01, "last.ckpt was not written after the SIGTERM"
+
+    # 3. a requeued job: the same command again, no resume=
+    proc = run_cli("train", *args, cwd=tmp_path)
+    assert "Restored all states from the checkpoint" in proc.stdout + proc.stderr
+
+    rows = read_csv(run_dir)
+    for key in ("align/conv1/max_match", "align/fc7/semi_match/m0-m2", "cka/conv5/linear", "align/conv5/dead"):
+        assert logged_steps(rows, key) == SCHEDULE, f"{key}: {logged_steps(rows, key)}"
+    align_keys = [k for k in rows[0] if k.startswith("align/")]
+    assert align_keys and all(logged_steps(rows, k) == SCHEDULE for k in align_keys)
+    # Training rows: at the steps of an uninterrupted run (Lightning logs them at global step - 1,
+    # every 2nd step; val at each epoch end), never twice. Lightning logs a batch's row just after
+    # the batch's callbacks (where the analysis checkpoint is written), so a SIGKILL in those few
+    # milliseconds loses that one row: at most one per interruption.
+    for key, expected in (("train/loss", range(1, STEPS, 2)), ("val/acc", range(7, STEPS, 8))):
+        steps = logged_steps(rows, key)
+        assert steps == sorted(set(steps)) and set(steps) <= set(expected), f"{key}: {steps}"
+        assert len(set(expected) - set(steps)) <= 2, f"{key}: {steps}"
+    assert npz_steps(run_dir) == SCHEDULE
+    for step in SCHEDULE:
+        with np.load(run_dir / "analysis" / f"step={step}.npz") as npz:
+            assert np.isfinite(npz["conv1/corr/m0-m1"]).all()
+
+    assert ckpt_step(ckpt) == STEPS
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["global_step"] == STEPS and not summary.get("failed_analyses")
+
+    wandb_id = json.loads((run_dir / "run.json").read_text())["wandb_id"]
+    assert wandb_id == first_id
+    runs = wandb_runs(run_dir)
+    assert len(runs) == 3 and all(r.name.endswith(f"-{wandb_id}") for r in runs), [r.name for r in runs]
+
+
+# --- resuming from an epoch-end checkpoint ------------------------------------------------------
+def test_resume_from_an_epoch_end_checkpoint_logs_at_the_uninterrupted_steps(tmp_path):
+    """A checkpoint written at an epoch's end (`last.ckpt`, or the monitor's with the
+    every_n_epochs schedule): the resumed run logs every training and validation row at the step
+    (and with the value) of the uninterrupted run. (Lightning restores its logging step one too
+    high from such a checkpoint; LastCheckpoint puts it back.)"""
+    from tests.inprocess import LIGHT, one_thread, read_metrics, train_in
+
+    common = ("debug=tiny", "logger=csv", "trainer.max_steps=16", *LIGHT, "analysis.save_checkpoints=true",
+              "analysis.schedule.kind=every_n_epochs", "analysis.schedule.every=1")  # fmt: skip
+    with one_thread():
+        train_in(tmp_path / "whole", *common)
+        epoch_end = tmp_path / "epoch1.ckpt"  # (a path with `=` needs quoting in a Hydra override)
+        epoch_end.write_bytes((tmp_path / "whole" / "checkpoints" / "analysis" / "step=8.ckpt").read_bytes())
+        assert ckpt_step(epoch_end) == 8
+        summary = train_in(tmp_path / "resumed", *common, f"ckpt_path={epoch_end}")
+    assert summary["global_step"] == 16 and summary["epochs"] == 2, f"the resumed run skipped training: {summary}"
+    whole, resumed = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "resumed")
+    for key in ("train/loss", "member1/train/loss", "val/acc", "val/loss", "align/conv1/max_match"):
+        after = {step: v for step, v in whole[key].items() if step > 8}
+        got = {step: v for step, v in resumed[key].items()}
+        assert sorted(got) == sorted(after), f"{key}: resumed at {sorted(got)}, uninterrupted at {sorted(after)}"
+        for step in after:
+            assert got[step] == pytest.approx(after[step], rel=1e-5, abs=1e-6), (key, step)
+
+
+# --- a failing analysis -----------------------------------------------------------------------
+def tiny_probe(k: int = 2, n: int = 16):
+    """The real probe pass of k tiny members on n noise images."""
+    from convergent.callbacks.monitor import probe_runner
+    from convergent.models import AlexNet
+    from convergent.settings import AnalysisSettings
+
+    members = []
+    for i in range(k):
+        torch.manual_seed(i)
+        members.append(AlexNet.small(width=0.0625, dropout=0.0).eval())
+    s = AnalysisSettings.from_config(
+        dict(layers=["conv1", "conv3", "fc6"], analyses=["correlation", "spectral", "hierarchical", "cka", "cca"],
+             probe_size=n, batch_size=n, spectral={"n_clusters": 3}), k)  # fmt: skip
+    images = torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    loader = [(images, torch.zeros(n, dtype=torch.long), torch.arange(n))]
+    probe = probe_runner(s, {l: members[0].layer_width(l) for l in s.layers}).run(members, loader, torch.device("cpu"))
+    return probe, s
+
+
+def crash_on(layer: str, real):
+    """An analysis that raises on one layer (a real exception from inside the analysis)."""
+
+    def run(report, at, ls, probe, s):
+        if at == layer:
+            raise np.linalg.LinAlgError("SVD did not converge")
+        return real(report, at, ls, probe, s)
+
+    return run
+
+
+def test_a_failing_analysis_is_reported_with_layer_and_step_and_the_rest_go_on(monkeypatch):
+    import convergent.pipeline as pipeline
+
+    probe, s = tiny_probe()
+    monkeypatch.setitem(pipeline.LAYER_ANALYSES, "spectral", crash_on("conv3", pipeline.LAYER_ANALYSES["spectral"]))
+    report = pipeline.analyze(probe, s, step=7)
+    assert report.failures == ["step 7: spectral on conv3 failed: LinAlgError: SVD did not converge"]
+    expected = pipeline.expected_scalar_keys(s)
+    lost = {k for k in expected if k.startswith("spectral/conv3/")}
+    assert lost and set(report.scalars) == expected - lost  # every other analysis of every layer is there
+    assert "spectral/conv1/shared_fraction" in report.scalars and "hier/conv3/cross_fraction" in report.scalars
+    assert "conv3/linkage/m0-m1" in report.arrays and "conv3/spectral_labels/m0-m1" not in report.arrays
+
+
+def test_a_failing_analysis_during_training_is_in_the_end_summary(tmp_path, monkeypatch, caplog):
+    """In a real (in-process) training: the failure is logged at each analysis step with its layer
+    and step, training and the other analyses finish, summary.json lists the failures."""
+    import logging
+
+    import convergent.pipeline as pipeline
+    from tests.inprocess import LIGHT, one_thread, read_metrics, train_in
+
+    monkeypatch.setitem(pipeline.LAYER_ANALYSES, "cca", crash_on("conv3", pipeline.LAYER_ANALYSES["cca"]))
+    caplog.set_level(logging.INFO)
+    with one_thread():
+        summary = train_in(tmp_path, "debug=tiny", "logger=csv", "trainer.max_steps=3", *LIGHT)
+    steps = [0, 1, 2, 3]
+    failures = [f"step {t}: cca on conv3 failed: LinAlgError: SVD did not converge" for t in steps]
+    assert summary["global_step"] == 3 and summary["failed_analyses"] == failures
+    assert json.loads((tmp_path / "summary.json").read_text())["failed_analyses"] == failures
+    assert all(f"convergent: {f}" in caplog.text for f in failures)
+    metrics = read_metrics(tmp_path)
+    assert sorted(metrics["cca/conv1/svcca"]) == steps and sorted(metrics["align/conv3/max_match"]) == steps
+    assert sorted(metrics["cka/conv3/linear"]) == steps and "cca/conv3/svcca" not in metrics
+    assert sorted(metrics["train/loss"]) == [1]  # logged every 2nd step, at global step - 1
+
+
+# --- W&B unreachable ----------------------------------------------------------------------------
+@pytest.mark.slow
+def test_wandb_unreachable_falls_back_to_the_csv_mirror(tmp_path):
+    """An API key but no server (nothing listens on the port): a one-line warning, then training
+    and the monitor go on with the CSV mirror."""
+    run_dir = tmp_path / "run"
+    proc = run_cli(
+        "train", "debug=tiny", "trainer.max_steps=4", *SMALL[4:], "logger.wandb.init_timeout=5", f"hydra.run.dir={run_dir}",
+        cwd=tmp_path, timeout=300, WANDB_MODE="online", WANDB_API_KEY="0123456789abcdef" * 2 + "01234567",
+        WANDB_BASE_URL="http://127.0.0.1:9", WANDB_INIT_TIMEOUT=5,
+    )  # fmt: skip
+    output = proc.stdout + proc.stderr
+    warnings_ = [line for line in output.splitlines() if "W&B could not start" in line]
+    assert len(warnings_) == 1 and "continuing with the CSV mirror only (csv/metrics.csv)" in warnings_[0], output[-3000:]
+    rows = read_csv(run_dir)
+    assert logged_steps(rows, "align/conv1/max_match") == [0, 4] and logged_steps(rows, "train/loss") == [1, 3]
+    assert json.loads((run_dir / "summary.json").read_text())["global_step"] == 4
+    assert not wandb_runs(run_dir)
