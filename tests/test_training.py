@@ -351,3 +351,23 @@ def test_ddp_cpu_under_multirun_leaves_one_run_dir_written_by_rank_zero(tmp_path
     assert len(wandb_runs(run_dir)) == 1
     # the children (hydra.output_subdir=null) left the job's saved config alone
     assert "trainer=ddp_cpu" in (run_dir / ".hydra" / "overrides.yaml").read_text()
+
+
+def test_submitit_local_multirun_runs_two_jobs_through_submitit(tmp_path):
+    """The cluster path without a cluster: Hydra's submitit launcher submits each job as its own
+    process (as submitit_slurm does through sbatch), each with its own run dir and W&B run."""
+    sweep = tmp_path / "sweep"
+    run_cli(
+        "train", "-m", "hydra/launcher=submitit_local", *TINY, "seed=1,2", f"hydra.sweep.dir={sweep}",
+        "hydra.launcher.timeout_min=10", cwd=tmp_path, timeout=600,
+    )  # fmt: skip
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
+    assert [p.name for p in jobs] == ["0", "1"]
+    assert list(sweep.glob(".submitit/*/*_submitted.pkl")), "the jobs did not go through submitit"
+    for job, seed in zip(jobs, ("1", "2")):
+        assert f"seed={seed}" in (job / ".hydra" / "overrides.yaml").read_text()
+        summary = json.loads((job / "summary.json").read_text())
+        assert summary["global_step"] > 0 and summary["val/acc"] is not None
+        assert len(wandb_runs(job)) == 1
+    ids = {json.loads((job / "run.json").read_text())["wandb_id"] for job in jobs}
+    assert len(ids) == 2
