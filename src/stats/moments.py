@@ -220,6 +220,12 @@ def _gram(x: Tensor) -> Tensor:
     return rows.T @ rows
 
 
+# Work buffers of `Moments._fold`, one per (name, dtype, device) for the whole process: a buffer
+# is used only inside one update, so all layers' and splits' accumulators can share it, and the
+# work memory is that of the largest layer, not the sum over every accumulator.
+_SCRATCH: dict[tuple[str, torch.dtype, torch.device], Tensor] = {}
+
+
 class SumStates(Metric):
     """A Metric whose states are sums of fixed shape.
 
@@ -345,14 +351,16 @@ class Moments(SumStates):
                     getattr(self, _block_name("qx", a, c)).add_(qx[a, slice(*edges[c])])
 
     def _scratch(self, name: str, shape, dtype, device) -> Tensor:
-        """A reusable work buffer (allocating ~100 MB per batch costs as much as the arithmetic)."""
+        """A reusable work buffer (allocating ~100 MB per batch costs as much as the arithmetic),
+        shared by every accumulator of the process (see `_SCRATCH`)."""
         numel = 1
         for d in shape:
             numel *= int(d)
-        buf = self.__dict__.setdefault("_buffers_scratch", {}).get(name)
-        if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != torch.device(device):
-            buf = torch.empty(numel, dtype=dtype, device=device)
-            self.__dict__["_buffers_scratch"][name] = buf
+        key = (name, dtype, torch.device(device))
+        buf = _SCRATCH.get(key)
+        if buf is None or buf.numel() < numel:
+            _SCRATCH.pop(key, None)  # free the smaller one first
+            buf = _SCRATCH[key] = torch.empty(numel, dtype=dtype, device=device)
         return buf[:numel].view(*shape)
 
     @property
