@@ -422,21 +422,25 @@ def stats_memory(options: Options) -> Measured:
 # --- 3. monitor_overhead -------------------------------------------------------------------------
 def monitor_overhead(options: Options) -> Measured:
     extra = ["trainer.max_epochs=1"] if options.quick else []
+    summaries: dict[str, list[dict]] = {"on": [], "off": []}
 
-    def job(*args: str) -> Callable[[], float]:
+    def job(side: str, *args: str) -> Callable[[], float]:
         def measure() -> float:
             with tempfile.TemporaryDirectory(prefix="convergent-bench-") as tmp:
                 t = time.perf_counter()
                 python_module("convergent.train", f"hydra.run.dir={tmp}/run", *extra, *args, cwd=tmp)
-                return time.perf_counter() - t
+                elapsed = time.perf_counter() - t
+                summaries[side].append(json.loads((Path(tmp) / "run" / "summary.json").read_text()))
+                return elapsed
 
         return measure
 
-    ta, tb = alternate([job(), job("callbacks=none")], options.pick(full=1, quick=1))
+    ta, tb = alternate([job("on"), job("off", "callbacks=none")], options.pick(full=1, quick=1))
+    acc = {side: ", ".join(f"{s['val/acc']:.4f}" for s in runs) for side, runs in summaries.items()}
     return Measured(
         median(ta) / median(tb),
-        f"`{' '.join(['convergent-train', *extra])}` (the main job, every analysis) {spread(ta)} / the same with "
-        f"callbacks=none {spread(tb)}; "
+        f"`{' '.join(['convergent-train', *extra])}` (the main job, every analysis) {spread(ta)}, mean member "
+        f"val/acc {acc['on']} / the same with callbacks=none {spread(tb)}, val/acc {acc['off']}; "
         "whole subprocesses back to back (A B, B A, ...), W&B offline",
     )
 
