@@ -397,13 +397,13 @@ def stats_memory(options: Options) -> Measured:
     (small, large), batch, k = MEMORY_SETUP[options.quick]
     quick = ["--quick"] if options.quick else []
 
-    def child(n: int) -> Callable[[], dict]:
-        return lambda: json.loads(python_module("convergent.bench", "--child-memory", str(n), *quick).stdout.strip().splitlines()[-1])
+    def child(n: int) -> dict:
+        return json.loads(python_module("convergent.bench", "--child-memory", str(n), *quick).stdout.strip().splitlines()[-1])
 
     runs: dict[int, list[dict]] = {large: [], small: []}
     for _ in range(options.pick(full=3, quick=1)):  # fresh processes, one at a time, sizes alternating
         for n in (large, small):
-            runs[n].append(child(n)())
+            runs[n].append(child(n))
     peak = {n: median([r["peak_bytes"] for r in rs]) for n, rs in runs.items()}
     mib = 1 << 20
     a, b = runs[large][0], runs[small][0]
@@ -420,22 +420,28 @@ def stats_memory(options: Options) -> Measured:
 
 
 # --- 3. monitor_overhead -------------------------------------------------------------------------
+def train_job(args: Sequence[str], summaries: list[dict] | None = None, timeout: float = 3600) -> Callable[[], float]:
+    """A measurement: the seconds of one whole `convergent-train args...` process in a fresh run
+    directory; its summary.json is appended to `summaries`."""
+
+    def measure() -> float:
+        with tempfile.TemporaryDirectory(prefix="convergent-bench-") as tmp:
+            t = time.perf_counter()
+            python_module("convergent.train", f"hydra.run.dir={tmp}/run", *args, cwd=tmp, timeout=timeout)
+            elapsed = time.perf_counter() - t
+            if summaries is not None:
+                summaries.append(json.loads((Path(tmp) / "run" / "summary.json").read_text()))
+            return elapsed
+
+    return measure
+
+
 def monitor_overhead(options: Options) -> Measured:
     extra = ["trainer.max_epochs=1"] if options.quick else []
     summaries: dict[str, list[dict]] = {"on": [], "off": []}
-
-    def job(side: str, *args: str) -> Callable[[], float]:
-        def measure() -> float:
-            with tempfile.TemporaryDirectory(prefix="convergent-bench-") as tmp:
-                t = time.perf_counter()
-                python_module("convergent.train", f"hydra.run.dir={tmp}/run", *extra, *args, cwd=tmp)
-                elapsed = time.perf_counter() - t
-                summaries[side].append(json.loads((Path(tmp) / "run" / "summary.json").read_text()))
-                return elapsed
-
-        return measure
-
-    ta, tb = alternate([job("on"), job("off", "callbacks=none")], options.pick(full=1, quick=1))
+    ta, tb = alternate(
+        [train_job(extra, summaries["on"]), train_job([*extra, "callbacks=none"], summaries["off"])], options.pick(full=1, quick=1)
+    )
     acc = {side: ", ".join(f"{s['val/acc']:.4f}" for s in runs) for side, runs in summaries.items()}
     return Measured(
         median(ta) / median(tb),
@@ -703,9 +709,10 @@ def vectorized_speedup(options: Options, device: str = "cuda") -> Measured:
 
 
 # The GPU main job of ImageNet-size members: 4 x alexnet at 224 px on generated images.
+IMAGENET_BATCH = 128
 IMAGENET_JOB = (
     "model=alexnet", "data=synthetic", "data.input_size=224", "data.in_channels=3", "data.train_size=2048",
-    "data.val_size=512", "data.batch_size=128", "data.val_batch_size=256", "trainer=gpu", "trainer.max_epochs=1000",
+    "data.val_size=512", f"data.batch_size={IMAGENET_BATCH}", "data.val_batch_size=256", "trainer=gpu", "trainer.max_epochs=1000",
     "logger=csv", "analysis.max_units=1024", "analysis.probe_size=500", "analysis.batch_size=100",
 )  # fmt: skip
 
@@ -713,21 +720,8 @@ IMAGENET_JOB = (
 def alexnet224_monitor_overhead(options: Options, device: str = "cuda") -> Measured:
     steps = 60 if options.quick else 400
     args = (*IMAGENET_JOB, f"trainer.max_steps={steps}")
-    summaries = {}
-
-    def job(*extra: str) -> Callable[[], float]:
-        def measure() -> float:
-            with tempfile.TemporaryDirectory(prefix="convergent-bench-") as tmp:
-                t = time.perf_counter()
-                python_module("convergent.train", f"hydra.run.dir={tmp}/run", *args, *extra, cwd=tmp, timeout=900)
-                elapsed = time.perf_counter() - t
-                summaries[extra] = json.loads((Path(tmp) / "run" / "summary.json").read_text())
-                return elapsed
-
-        return measure
-
-    ta, tb = alternate([job(), job("callbacks=none")], 1)
-    images = steps * 128 * MAIN_K
+    ta, tb = alternate([train_job(args, timeout=900), train_job([*args, "callbacks=none"], timeout=900)], 1)
+    images = steps * IMAGENET_BATCH * MAIN_K
     return Measured(
         median(ta) / median(tb),
         f"{device}; `convergent-train {' '.join(args)}` (4 x alexnet, bf16 training, every analysis, fc layers "
