@@ -17,7 +17,7 @@ where it is clipped at the border, so all patches of a layer line up in a grid.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import torch
@@ -81,20 +81,27 @@ def select_top(cand: Tensor, k: int) -> Tensor:
     return cand[:k].contiguous()
 
 
-def _batch_top(values: Tensor, keys: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Top k rows per column of ``values [M, C]`` in (value desc, key asc) order, exactly:
-    every value above the k-th largest, then the tied ones with the smallest keys.
-    Returns row indices ``[min(k, M), C]`` (unordered) and their keys."""
-    m = values.shape[0]
-    kk = min(k, m)
-    kth = torch.topk(values, kk, dim=0).values[-1]  # [C]
-    rank = torch.where(
-        values > kth,
-        torch.full_like(values, -1, dtype=torch.int64),
-        torch.where(values == kth, keys[:, None].expand_as(values), torch.full_like(values, _NO_KEY, dtype=torch.int64)),
-    )
-    rows = torch.topk(rank, kk, dim=0, largest=False).indices
-    return rows, keys[rows]
+def _batch_top(values: Tensor, keys: Callable[[Tensor], Tensor], k: int, floor: Tensor) -> Tensor:
+    """Rows of the top k per unit of ``values [C, M]`` in (value desc, key asc) order, exactly:
+    every value above the k-th largest, then the tied ones with the smallest keys. ``keys(rows)``
+    gives the int64 keys of row indices; ``floor [C]`` (float64) is the k-th best value already
+    kept per unit: values below it cannot enter. Returns row indices ``[C, min(k, M)]``.
+
+    ``topk`` alone is exact unless a unit has more values equal to its k-th largest than slots
+    left for them (ReLU zeros of a sparse or dead unit) and those ties could still enter; only
+    such units pay for ranking by key.
+    """
+    kk = min(k, values.shape[1])
+    rows = torch.topk(values, kk, dim=1).indices  # sorted=True: the k-th largest is last
+    kth = values.gather(1, rows[:, -1:])  # [C, 1]
+    tied = ((values >= kth).sum(1) > kk) & ~(floor > kth[:, 0].to(floor.dtype))
+    if bool(tied.any()):
+        cols = tied.nonzero().squeeze(1)
+        sub, sub_kth = values[cols], kth[cols]
+        key = keys(torch.arange(values.shape[1], device=values.device))
+        rank = torch.where(sub > sub_kth, torch.full_like(key, -1), torch.where(sub == sub_kth, key, torch.full_like(key, _NO_KEY)))
+        rows[cols] = torch.topk(rank, kk, dim=1, largest=False).indices
+    return rows
 
 
 class TopActivations(Metric):
@@ -146,24 +153,33 @@ class TopActivations(Metric):
             h, w = (a.shape[2], a.shape[3]) if a.dim() == 4 else (1, 1)
             if h >= 1 << _SHIFT or w >= 1 << _SHIFT:
                 raise ValueError(f"spatial size {h}x{w} too large (max {(1 << _SHIFT) - 1})")
-            c = self.sizes[i]
-            values = a.reshape(n, c, h * w).transpose(1, 2).reshape(n * h * w, c)  # rows (image, y, x)
+            c, hw = self.sizes[i], h * w
             images = image_index.to(device=a.device, dtype=torch.int64)
-            ys = torch.arange(h, device=a.device, dtype=torch.int64)
-            xs = torch.arange(w, device=a.device, dtype=torch.int64)
-            grid = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), -1).reshape(h * w, 2)
-            where = torch.cat([images.repeat_interleave(h * w)[:, None], grid.repeat(n, 1)], 1)  # [M, 3]
-            keys = (where[:, 0] << (2 * _SHIFT)) | (where[:, 1] << _SHIFT) | where[:, 2]
-            state = getattr(self, f"top_{i}")
-            step = max(self.k, _CHUNK_ELEMENTS // c)
-            for start in range(0, values.shape[0], step):
-                v = values[start : start + step].to(torch.float64)
-                v = torch.nan_to_num(v, nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
-                rows, _ = _batch_top(v, keys[start : start + step], self.k)
-                cand = torch.empty(rows.shape[0], c, 4, dtype=torch.float64, device=a.device)
-                cand[..., 0] = v.gather(0, rows)
-                cand[..., 1:] = where[start : start + step][rows].to(torch.float64)
-                state = select_top(torch.cat([state.to(a.device), cand]), self.k)
+            state = getattr(self, f"top_{i}").to(a.device)
+            per_chunk = max(1, _CHUNK_ELEMENTS // (c * hw))
+            for lo in range(0, n, per_chunk):
+                hi = min(n, lo + per_chunk)
+                # [C, rows] with rows in (image, y, x) order, compared in float32 (exact for
+                # float16/bfloat16/float32; float64 stays float64).
+                v = a[lo:hi].reshape(hi - lo, c, hw).transpose(0, 1)
+                v = v.to(torch.promote_types(v.dtype, torch.float32), memory_format=torch.contiguous_format, copy=True)
+                v = v.view(c, (hi - lo) * hw).nan_to_num_(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+
+                def where(rows: Tensor, lo: int = lo) -> Tensor:  # (image, y, x) of chunk rows
+                    pos = rows % hw
+                    return torch.stack([images[lo + torch.div(rows, hw, rounding_mode="floor")], pos // w, pos % w], -1)
+
+                def keys(rows: Tensor) -> Tensor:
+                    at = where(rows)
+                    return (at[..., 0] << (2 * _SHIFT)) | (at[..., 1] << _SHIFT) | at[..., 2]
+
+                # The k-th best value kept so far (a lower bound of it while the state holds stacked states)
+                floor = state[..., 0].reshape(-1, c).min(0).values
+                rows = _batch_top(v, keys, self.k, floor)  # [C, kk]
+                cand = torch.empty(rows.shape[1], c, 4, dtype=torch.float64, device=a.device)
+                cand[..., 0] = v.gather(1, rows).T
+                cand[..., 1:] = where(rows).transpose(0, 1).to(torch.float64)
+                state = select_top(torch.cat([state, cand]), self.k)
             setattr(self, f"top_{i}", state)
 
     def compute(self) -> list[tuple[Tensor, Tensor]]:
