@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -55,12 +56,13 @@ class LayerStats:
     top: dict[int, tuple[Tensor, Tensor]] | None = None  # member -> (values [C, k], (image, y, x) [C, k, 3])
     units: Tensor | None = None  # indices of the units kept (analysis.max_units)
 
-    @property
+    # Cached: the analyses memoise derived quantities on these MomentStats, so each is built once.
+    @cached_property
     def all(self) -> MomentStats:
         """Every probe image (at light steps everything is in `fit` and `held` is empty)."""
         return self.fit if self.held is None else self.fit + self.held
 
-    @property
+    @cached_property
     def null(self) -> MomentStats | None:
         if self.null_fit is None:
             return None

@@ -83,6 +83,10 @@ class SampleSizeWarning(UserWarning):
 # --------------------------------------------------------------------------------------------------
 def _live_cov(stats: MomentStats, a: int, b: int) -> Tensor:
     """Population covariance [C_a, C_b] with the rows of a's and columns of b's dead units set to 0."""
+    return stats.memo(("live_cov", a, b), lambda: _mask_dead(stats, a, b))
+
+
+def _mask_dead(stats: MomentStats, a: int, b: int) -> Tensor:
     c = stats.cov(a, b)
     live_a = (~stats.dead(a)).to(c.dtype)
     live_b = live_a if a == b else (~stats.dead(b)).to(c.dtype)
@@ -201,9 +205,10 @@ def _debiased_cka(stats: MomentStats, a: int, b: int) -> float:
     if ta <= 0.0 or tb <= 0.0:
         return 0.0
     sa, sb = 1.0 / math.sqrt(ta), 1.0 / math.sqrt(tb)  # unit total variance: no over/underflow
+    # sa, sb follow from a, b: each net's own term is shared by all its pairs (cross-layer tables)
     h_ab = _debiased_hsic(stats, a, b, sa, sb)
-    h_aa = _debiased_hsic(stats, a, a, sa, sa)
-    h_bb = _debiased_hsic(stats, b, b, sb, sb)
+    h_aa = stats.memo(("debiased_hsic", a), lambda: _debiased_hsic(stats, a, a, sa, sa))
+    h_bb = stats.memo(("debiased_hsic", b), lambda: _debiased_hsic(stats, b, b, sb, sb))
     if not (h_aa > 0.0 and h_bb > 0.0) or not math.isfinite(h_ab):
         return 0.0
     return min(max(h_ab / (math.sqrt(h_aa) * math.sqrt(h_bb)), -1.0), 1.0)
@@ -277,6 +282,18 @@ def canonical_correlations(
     is ~1 regardless of the data; beyond that, while ``C_a + C_b >= n - 1`` the centred sample space
     cannot hold both subspaces apart, so at least ``C_a + C_b - n + 1`` correlations are exactly 1.
     """
+    # Mean CCA and PWCCA of a pair share one result (cached on the stats; treat it as read-only).
+    res = stats.memo(("cca", a, b, epsilon, rank_tol, keep), lambda: _canonical_correlations(stats, a, b, epsilon, keep, rank_tol))
+    if warn:
+        dims = res.dims
+        if keep is None and stats.n <= stats.sizes[a] + stats.sizes[b]:
+            _warn_samples("cca", stats.n, (stats.sizes[a], stats.sizes[b]), "units", a, b)
+        elif keep is not None and dims[0] and dims[1] and stats.n <= dims[0] + dims[1]:
+            _warn_samples("svcca", stats.n, dims, "kept principal dimensions", a, b)
+    return res
+
+
+def _canonical_correlations(stats: MomentStats, a: int, b: int, epsilon: float, keep: float | None, rank_tol: float) -> CCAResult:
     c_aa, c_bb, c_ab = _live_cov(stats, a, a), _live_cov(stats, b, b), _live_cov(stats, a, b)
     ta, tb = _total_var(c_aa), _total_var(c_bb)
     # Scale-free: unit total variance per net (CCA is scale-invariant; the ridge is relative).
@@ -286,11 +303,6 @@ def canonical_correlations(
     wa = stats.memo(("whitener", a, epsilon, rank_tol, keep), lambda: _whitener(c_aa, epsilon, rank_tol, keep))
     wb = stats.memo(("whitener", b, epsilon, rank_tol, keep), lambda: _whitener(c_bb, epsilon, rank_tol, keep))
     dims = (wa.shape[1], wb.shape[1])
-    if warn:
-        if keep is None and stats.n <= stats.sizes[a] + stats.sizes[b]:
-            _warn_samples("cca", stats.n, (stats.sizes[a], stats.sizes[b]), "units", a, b)
-        elif keep is not None and dims[0] and dims[1] and stats.n <= dims[0] + dims[1]:
-            _warn_samples("svcca", stats.n, dims, "kept principal dimensions", a, b)
     m = min(dims)
     mean_a, mean_b = stats.mean(a), stats.mean(b)
     if m == 0:
