@@ -265,12 +265,12 @@ def _fista(R: Tensor, B: Tensor, W: Tensor, lam: float, steps: int, lipschitz: f
     objective per target (never worse than W)."""
     step = 1.0 / lipschitz
     x, y, t_k = W.clone(), W.clone(), 1.0
-    for _ in range(steps):
-        x_new = F.softshrink(y + step * (B - R @ y), lam * step)
-        restart = ((y - x_new) * (x_new - x)).sum(0) > 0  # momentum points uphill: restart
+    for _ in range(steps):  # small matrices: few, fused operations (the cost is per operation)
+        x_new = F.softshrink(y.add(torch.addmm(B, R, y, alpha=-1.0), alpha=step), lam * step)
+        d = x_new - x
+        restart = (y.sub_(x_new).mul_(d)).sum(0, keepdim=True) > 0  # momentum points uphill: restart
         t_new = (1.0 + math.sqrt(1.0 + 4.0 * t_k * t_k)) / 2.0
-        y = x_new + ((t_k - 1.0) / t_new) * (x_new - x)
-        y = torch.where(restart.unsqueeze(0), x_new, y)
+        y = torch.where(restart, x_new, x_new.add(d, alpha=(t_k - 1.0) / t_new))
         x, t_k = x_new, t_new
     better = _objective(R, B, x, lam) <= _objective(R, B, W, lam)
     return torch.where(better.unsqueeze(0), x, W)
