@@ -163,7 +163,9 @@ def run_spectral(report: StepReport, layer: str, ls: LayerStats, probe: ProbeSta
         n_clusters = min(s.n_clusters, int((~stats.dead(a)).sum() + (~stats.dead(b)).sum()))
         if n_clusters < 2:
             continue
-        labels = clustering.spectral_clusters(stats, a, b, n_clusters, affinity=s.affinity, seed=s.seed)
+        labels = clustering.spectral_clusters(
+            stats, a, b, n_clusters, affinity=s.affinity, seed=s.seed, assign_labels=s.assign_labels
+        )
         summary = clustering.spectral_summary(stats, labels, a=a, b=b, seed=s.seed)
         tag = pair_suffix(a, b)
         report.array(f"{layer}/spectral_labels/{tag}", labels)

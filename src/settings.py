@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from convergent.analysis.clustering import ASSIGN_LABELS
 from convergent.config import ConfigError
 from convergent.models import CONV_LAYERS, LAYERS
 
@@ -92,6 +93,7 @@ class AnalysisSettings:
     sparse_max_iter: int = 1000
     n_clusters: int = 8
     affinity: str = "abs"
+    assign_labels: str = "cluster_qr"
     linkage: str = "average"
     top_k: int = 9
     patch_pairs: int = 8
@@ -206,6 +208,7 @@ class AnalysisSettings:
             sparse_max_iter=int(sparse.get("max_iter", 1000)),
             n_clusters=int(spectral.get("n_clusters", 8)),
             affinity=str(spectral.get("affinity", "abs")),
+            assign_labels=str(spectral.get("assign_labels", "cluster_qr")),
             linkage=str(hierarchical.get("method", "average")),
             top_k=int(patches.get("top_k", 9)),
             patch_pairs=int(patches.get("pairs", 8)),
@@ -231,6 +234,10 @@ class AnalysisSettings:
             )
         if self.affinity not in ("abs", "shifted"):
             raise ConfigError(f"analysis.spectral.affinity={self.affinity!r} is not valid; choose one of: abs, shifted")
+        if self.assign_labels not in ASSIGN_LABELS:
+            raise ConfigError(
+                f"analysis.spectral.assign_labels={self.assign_labels!r} is not valid; choose one of: {', '.join(ASSIGN_LABELS)}"
+            )
         if self.linkage not in ("average", "single", "complete", "weighted"):
             raise ConfigError(
                 f"analysis.hierarchical.method={self.linkage!r} is not valid; choose one of: average, single, complete, weighted"

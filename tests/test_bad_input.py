@@ -107,6 +107,11 @@ def test_more_clusters_than_units(tmp_path):
     assert "analysis.spectral.n_clusters=1000" in message and "units of two conv1 nets" in message
 
 
+def test_unknown_spectral_label_assignment_lists_the_choices(tmp_path):
+    message = prepare_error(tmp_path, "debug=tiny", "analysis.spectral.assign_labels=kmean")
+    assert "analysis.spectral.assign_labels='kmean'" in message and "cluster_qr, kmeans, discretize" in message
+
+
 @pytest.mark.parametrize("override,key", [("analysis.probesize=10", "analysis.probesize"), ("trainer.max_step=3", "trainer.max_step")])
 def test_mistyped_key_names_the_key(override, key):
     # Hydra rejects it while composing, before convergent-train runs at all (the CLI prints

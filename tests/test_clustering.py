@@ -11,6 +11,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from convergent.analysis.clustering import (
     AFFINITIES,
+    ASSIGN_LABELS,
     combined_corr,
     hierarchical_merges,
     spectral_clusters,
@@ -67,11 +68,12 @@ def test_combined_corr_blocks():
 
 
 # --- spectral clustering ---------------------------------------------------------------------
+@pytest.mark.parametrize("assign_labels", ASSIGN_LABELS)
 @pytest.mark.parametrize("affinity", AFFINITIES)
-def test_spectral_recovers_planted_groups(affinity):
+def test_spectral_recovers_planted_groups(affinity, assign_labels):
     xa, xb, truth = _planted_groups()
     st = _stats(xa, xb)
-    labels = spectral_clusters(st, 0, 1, n_clusters=5, affinity=affinity, seed=0)
+    labels = spectral_clusters(st, 0, 1, n_clusters=5, affinity=affinity, seed=0, assign_labels=assign_labels)
     assert labels.shape == (80,) and np.issubdtype(labels.dtype, np.integer)
     assert adjusted_rand_score(truth, labels) >= 0.9
     s = spectral_summary(st, labels)
@@ -87,7 +89,7 @@ def test_spectral_recovers_planted_groups(affinity):
         assert len(set(labels[order[lo:hi]].tolist())) == 1
     # same answer from the plain matrix, and deterministic for a seed
     c = combined_corr(st, 0, 1)
-    np.testing.assert_array_equal(spectral_clusters_from_corr(c, 5, affinity=affinity, seed=0), labels)
+    np.testing.assert_array_equal(spectral_clusters_from_corr(c, 5, affinity=affinity, seed=0, assign_labels=assign_labels), labels)
     s2 = spectral_summary(c.numpy(), labels, n_a=40)
     assert s2["within_cluster_corr"] == pytest.approx(s["within_cluster_corr"])
 
@@ -251,6 +253,8 @@ def test_bad_input_messages():
         spectral_clusters(st, 0, 1, 8)
     with pytest.raises(ValueError, match="affinity must be one of"):
         spectral_clusters(st, 0, 1, 2, affinity="rbf")
+    with pytest.raises(ValueError, match="assign_labels must be one of"):
+        spectral_clusters(st, 0, 1, 2, assign_labels="qr")
     with pytest.raises(ValueError, match="method must be one of"):
         hierarchical_merges(st, method="ward")
     with pytest.raises(ValueError, match="n_a .* is required"):

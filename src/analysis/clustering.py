@@ -36,6 +36,7 @@ from torch import Tensor
 from convergent.stats.moments import MomentStats
 
 AFFINITIES = ("abs", "shifted")
+ASSIGN_LABELS = ("cluster_qr", "kmeans", "discretize")  # sklearn SpectralClustering(assign_labels=...)
 # Linkages that are valid on an arbitrary (non-Euclidean) distance matrix such as 1 - corr.
 LINKAGE_METHODS = ("average", "single", "complete", "weighted")
 # Every affinity is floored at this value so the graph is connected (no sklearn warning); it is far
@@ -168,6 +169,8 @@ def _spectral(
 ) -> np.ndarray:
     if affinity not in AFFINITIES:
         raise ValueError(f"affinity must be one of {AFFINITIES}, got {affinity!r}")
+    if assign_labels not in ASSIGN_LABELS:
+        raise ValueError(f"assign_labels must be one of {ASSIGN_LABELS}, got {assign_labels!r}")
     n = c.shape[0]
     live = np.flatnonzero(~dead)
     n_clusters = int(n_clusters)
