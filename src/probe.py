@@ -233,30 +233,28 @@ class ProbeRunner:
         shift = CyclicShift(len(self.null_members)) if null_fit else None
         n_images = 0
 
-        def fold_null(rows: list[dict[str, Tensor]] | None, first_row: int) -> None:
-            if not rows:
-                return
-            n = next(iter(rows[0].values())).shape[0]
-            even = (torch.arange(first_row, first_row + n, device=device) % 2) == 0
-            for l in layers:
-                acts = [r[l] for r in rows]
-                if full:
-                    null_fit[l].update(*[a[even] for a in acts])
-                    null_held[l].update(*[a[~even] for a in acts])
-                else:
-                    null_fit[l].update(*acts)
+        def fold_null(chunks: list[tuple[int, list[dict[str, Tensor]]]]) -> None:
+            for first_row, rows in chunks:
+                even, odd = parity_rows(torch.tensor([first_row]), next(iter(rows[0].values())).shape[0])
+                for l in layers:
+                    acts = [r[l] for r in rows]
+                    if full:
+                        null_fit[l].update(*[a[even] for a in acts])
+                        null_held[l].update(*[a[odd] for a in acts])
+                    else:
+                        null_fit[l].update(*acts)
 
         with evaluating(members), torch.no_grad():
             for batch in loader:
                 images, index = batch[0].to(device), batch[2].to(device)
                 taps = self.taps(members, images)
                 n_images += images.shape[0]
-                even = (index % 2) == 0
+                even, odd = parity_rows(index, images.shape[0]) if full else (None, None)
                 for l in layers:
                     acts = [t[l] for t in taps]
                     if full:
                         fit[l].update(*[a[even] for a in acts])
-                        held[l].update(*[a[~even] for a in acts])
+                        held[l].update(*[a[odd] for a in acts])
                     else:  # no held-out analysis at light steps: one accumulator, no split copies
                         fit[l].update(*acts)
                     if l in bins:
@@ -266,10 +264,9 @@ class ProbeRunner:
                 if pooled is not None:
                     pooled.update(*self._pooled_acts(taps))
                 if shift is not None:
-                    first_row = max(shift.seen, shift.k - 1)  # the first row this push completes
-                    fold_null(shift.push([taps[m] for m in self.null_members]), first_row)
+                    fold_null(shift.push([taps[m] for m in self.null_members]))
             if shift is not None:
-                fold_null(shift.finish(), 0)
+                fold_null(shift.finish())
 
             joint = {}
             if bins:
@@ -302,6 +299,18 @@ class ProbeRunner:
             pooled_index=self.pooled_index,
             null_index=self.null_index,
         )
+
+
+def parity_rows(index: Tensor, n: int) -> tuple[slice | Tensor, slice | Tensor]:
+    """Rows of a batch of probe images with even / odd probe index (the fit / held-out split).
+    ``index`` holds every row's index, or just the first row's when the rows are consecutive.
+    Consecutive rows (the usual probe loader) give strided slices, views that cost no copy;
+    otherwise boolean masks."""
+    if index.numel() == 1 or bool((index[1:] - index[:-1] == 1).all()):
+        first = int(index[0]) % 2
+        return slice(first, None, 2), slice(1 - first, None, 2)
+    even = (index % 2) == 0
+    return even, ~even
 
 
 @contextlib.contextmanager

@@ -4,24 +4,26 @@ import numpy as np
 import pytest
 import torch
 
-from convergent.stats.shift import CyclicShift
+from convergent.stats.shift import CyclicShift, _rows
 
 
 def run_shift(k, m, batch_sizes):
     data = [torch.arange(m, dtype=torch.float64) * 10 + i for i in range(k)]  # member i, image t
     shift = CyclicShift(k)
     rows = [[] for _ in range(k)]
-    start = 0
+    start, next_row = 0, k - 1
     for b in batch_sizes:
-        out = shift.push([{"x": d[start : start + b, None]} for d in data])
-        start += b
-        if out:
+        for first, chunk in shift.push([{"x": d[start : start + b, None]} for d in data]):
+            assert first == next_row  # chunks come in row order, each with its first row
+            next_row += _rows(chunk[0])
             for i in range(k):
-                rows[i].append(out[i]["x"][:, 0])
-    tail = shift.finish()
-    if tail:
+                rows[i].append(chunk[i]["x"][:, 0])
+        start += b
+    for first, chunk in shift.finish():
+        assert first == 0 and _rows(chunk[0]) == k - 1
         for i in range(k):
-            rows[i].insert(0, tail[i]["x"][:, 0])
+            rows[i].insert(0, chunk[i]["x"][:, 0])
+    assert next_row == m
     return [torch.cat(r).numpy() for r in rows], data
 
 
@@ -43,3 +45,18 @@ def test_rows_are_rolled_images(k, batches):
 def test_too_few_images_is_a_clear_error():
     with pytest.raises(ValueError, match="more probe images"):
         run_shift(4, 3, [3])
+
+
+def test_holds_k_minus_1_images_and_emits_the_batch_interior_as_views():
+    k, n = 4, 50
+    shift = CyclicShift(k)
+    for step in range(3):
+        batch = [{"x": torch.randn(n, 8, 3, 3)} for _ in range(k)]
+        chunks = shift.push(batch)
+        interior = chunks[-1][1]
+        for i in range(k):  # the interior rows are views of member i's batch, not copies
+            assert interior[i]["x"].untyped_storage().data_ptr() == batch[i]["x"].untyped_storage().data_ptr()
+        del batch, chunks, interior
+        held = [t["x"] for t in shift.head + shift.tail if t is not None]
+        # nothing the shift keeps refers to a whole batch: k - 1 images per member at most
+        assert all(x.untyped_storage().nbytes() <= (k - 1) * 8 * 3 * 3 * 4 for x in held)
