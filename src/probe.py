@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from convergent.models import CONV_LAYERS
 from convergent.stats import MomentStats, Moments, estimate_state_bytes
 from convergent.stats.histogram import JointHistogram, UnitBins, estimate_joint_bytes
+from convergent.stats.scratch import release_free_memory
 from convergent.stats.shift import CyclicShift
 from convergent.stats.topk import TopActivations
 
@@ -265,9 +266,11 @@ class ProbeRunner:
                     pooled.update(*self._pooled_acts(taps))
                 if shift is not None:
                     fold_null(shift.push([taps[m] for m in self.null_members]))
+                del taps  # before the next forward: two batches of taps would be alive at once
             if shift is not None:
                 fold_null(shift.finish())
 
+            release_free_memory()  # the heap's free pages back to the OS between passes (no creep)
             joint = {}
             if bins:
                 # Pass 2: joint bin counts, with the bin edges of pass 1.
@@ -278,7 +281,9 @@ class ProbeRunner:
                     taps = self.taps(members, batch[0].to(device))
                     for l in bins:
                         joint[l].update(*self.mi_acts(l, [t[l] for t in taps]))
+                    del taps
 
+        release_free_memory()
         result = {
             l: LayerStats(
                 fit=fit[l].compute(),

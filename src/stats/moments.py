@@ -22,6 +22,8 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from convergent.stats.scratch import scratch
+
 Block = tuple[int, int]
 
 # A unit whose variance is below this fraction of its squared mean (or exactly zero) is dead:
@@ -220,12 +222,6 @@ def _gram(x: Tensor) -> Tensor:
     return rows.T @ rows
 
 
-# Work buffers of `Moments._fold`, one per (name, dtype, device) for the whole process: a buffer
-# is used only inside one update, so all layers' and splits' accumulators can share it, and the
-# work memory is that of the largest layer, not the sum over every accumulator.
-_SCRATCH: dict[tuple[str, torch.dtype, torch.device], Tensor] = {}
-
-
 class SumStates(Metric):
     """A Metric whose states are sums of fixed shape.
 
@@ -321,7 +317,7 @@ class Moments(SumStates):
         work = f64 if self.product_dtype == f64 else self.product_dtype
         edges = self._edges
         b, p = acts[0].shape[0], acts[0].shape[2]
-        x = self._scratch("x", (b, sum(self.sizes), p), work, acts[0].device)
+        x = scratch("moments.x", (b, sum(self.sizes), p), work, acts[0].device)
         for (lo, hi), a in zip(edges, acts):
             x[:, lo:hi].copy_(a)
         rows = b * p
@@ -335,7 +331,7 @@ class Moments(SumStates):
         if self.cka_sums:
             # Per-sample squared norms of each net's raw activations, q [B, K, P], and the raw
             # sums q_a . q_b and q_a^T x_b that the debiased CKA needs.
-            sq = torch.mul(x, x, out=self._scratch("sq", x.shape, work, x.device))
+            sq = torch.mul(x, x, out=scratch("moments.sq", x.shape, work, x.device))
             ones = self._segments(x.device, work).T.unsqueeze(0).expand(b, -1, -1)
             q = torch.bmm(ones, sq)  # [B, K, P]
             qq = _gram(q).to(f64)
@@ -349,19 +345,6 @@ class Moments(SumStates):
                 getattr(self, _block_name("qq", i, j)).add_(qq[i, j])
                 for a, c in {(i, j), (j, i)}:
                     getattr(self, _block_name("qx", a, c)).add_(qx[a, slice(*edges[c])])
-
-    def _scratch(self, name: str, shape, dtype, device) -> Tensor:
-        """A reusable work buffer (allocating ~100 MB per batch costs as much as the arithmetic),
-        shared by every accumulator of the process (see `_SCRATCH`)."""
-        numel = 1
-        for d in shape:
-            numel *= int(d)
-        key = (name, dtype, torch.device(device))
-        buf = _SCRATCH.get(key)
-        if buf is None or buf.numel() < numel:
-            _SCRATCH.pop(key, None)  # free the smaller one first
-            buf = _SCRATCH[key] = torch.empty(numel, dtype=dtype, device=device)
-        return buf[:numel].view(*shape)
 
     @property
     def _edges(self) -> list[tuple[int, int]]:

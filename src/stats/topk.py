@@ -26,6 +26,7 @@ from torch.nn import functional as F
 from torchmetrics import Metric
 
 from convergent.models.receptive_field import ReceptiveField
+from convergent.stats.scratch import scratch
 
 # Candidates = (value, image, y, x); a key orders (image, y, x) lexicographically.
 _SHIFT = 16  # y and x below 2**16, images below 2**31
@@ -161,8 +162,8 @@ class TopActivations(Metric):
                 hi = min(n, lo + per_chunk)
                 # [C, rows] with rows in (image, y, x) order, compared in float32 (exact for
                 # float16/bfloat16/float32; float64 stays float64).
-                v = a[lo:hi].reshape(hi - lo, c, hw).transpose(0, 1)
-                v = v.to(torch.promote_types(v.dtype, torch.float32), memory_format=torch.contiguous_format, copy=True)
+                v = scratch("topk.values", (c, hi - lo, hw), torch.promote_types(a.dtype, torch.float32), a.device)
+                v.copy_(a[lo:hi].reshape(hi - lo, c, hw).transpose(0, 1))
                 v = v.view(c, (hi - lo) * hw).nan_to_num_(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
 
                 def where(rows: Tensor, lo: int = lo) -> Tensor:  # (image, y, x) of chunk rows
