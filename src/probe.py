@@ -236,7 +236,7 @@ class ProbeRunner:
 
         def fold_null(chunks: list[tuple[int, list[dict[str, Tensor]]]]) -> None:
             for first_row, rows in chunks:
-                even, odd = parity_rows(torch.tensor([first_row]), next(iter(rows[0].values())).shape[0])
+                even, odd = parity_rows(torch.tensor([first_row]))  # rows first_row, first_row + 1, ...
                 for l in layers:
                     acts = [r[l] for r in rows]
                     if full:
@@ -250,7 +250,7 @@ class ProbeRunner:
                 images, index = batch[0].to(device), batch[2].to(device)
                 taps = self.taps(members, images)
                 n_images += images.shape[0]
-                even, odd = parity_rows(index, images.shape[0]) if full else (None, None)
+                even, odd = parity_rows(index) if full else (None, None)
                 for l in layers:
                     acts = [t[l] for t in taps]
                     if full:
@@ -306,11 +306,13 @@ class ProbeRunner:
         )
 
 
-def parity_rows(index: Tensor, n: int) -> tuple[slice | Tensor, slice | Tensor]:
+def parity_rows(index: Tensor) -> tuple[slice | Tensor, slice | Tensor]:
     """Rows of a batch of probe images with even / odd probe index (the fit / held-out split).
     ``index`` holds every row's index, or just the first row's when the rows are consecutive.
     Consecutive rows (the usual probe loader) give strided slices, views that cost no copy;
     otherwise boolean masks."""
+    if index.numel() == 0:
+        return slice(0, 0), slice(0, 0)
     if index.numel() == 1 or bool((index[1:] - index[:-1] == 1).all()):
         first = int(index[0]) % 2
         return slice(first, None, 2), slice(1 - first, None, 2)
