@@ -101,6 +101,11 @@ class Figure:
     detail: str = ""
     seconds: float = 0.0
 
+    @property
+    def shown(self) -> str:
+        """The value as the table and the progress lines print it."""
+        return "error" if self.value is None else f"{self.value:.3g} {self.unit}"
+
     def as_json(self) -> dict:
         return {
             "name": self.name,
@@ -792,9 +797,8 @@ def print_table(figures: Sequence[Figure], console) -> None:
     for column in ("figure", "measured", "goal", "met", "seconds"):
         table.add_column(column, justify="left" if column == "figure" else "right")
     for f in figures:
-        value = "error" if f.value is None else f"{f.value:.3g} {f.unit}"
         met = "[green]yes[/green]" if f.met else "[red]no[/red]"
-        table.add_row(f.name, value, f"{f.op} {f.goal:g} {f.unit}", met, f"{f.seconds:.0f}")
+        table.add_row(f.name, f.shown, f"{f.op} {f.goal:g} {f.unit}", met, f"{f.seconds:.0f}")
     console.print(table)
     for f in figures:
         console.print(f"[bold]{f.name}[/bold]: {f.detail}", highlight=False)
@@ -834,8 +838,7 @@ def main(argv: list[str] | None = None) -> int:
     options = Options(quick=args.quick, rounds=args.repeat)
 
     def progress(f: Figure) -> None:
-        value = "error" if f.value is None else f"{f.value:.3g} {f.unit}"
-        console.print(f"{f.name}: {value} (goal {f.op} {f.goal:g}) in {f.seconds:.0f} s", highlight=False)
+        console.print(f"{f.name}: {f.shown} (goal {f.op} {f.goal:g}) in {f.seconds:.0f} s", highlight=False)
 
     figures = run_suite(chosen, options, progress)
     print_table(figures, console)

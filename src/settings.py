@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from convergent.analysis.clustering import ASSIGN_LABELS
+from convergent.analysis.clustering import AFFINITIES, ASSIGN_LABELS, LINKAGE_METHODS
 from convergent.config import ConfigError
 from convergent.models import CONV_LAYERS, LAYERS
 
@@ -232,15 +232,15 @@ class AnalysisSettings:
                 "members (it needs at least one probe image per member); raise analysis.probe_size or set "
                 "analysis.permutation_null=false"
             )
-        if self.affinity not in ("abs", "shifted"):
-            raise ConfigError(f"analysis.spectral.affinity={self.affinity!r} is not valid; choose one of: abs, shifted")
+        if self.affinity not in AFFINITIES:
+            raise ConfigError(f"analysis.spectral.affinity={self.affinity!r} is not valid; choose one of: {', '.join(AFFINITIES)}")
         if self.assign_labels not in ASSIGN_LABELS:
             raise ConfigError(
                 f"analysis.spectral.assign_labels={self.assign_labels!r} is not valid; choose one of: {', '.join(ASSIGN_LABELS)}"
             )
-        if self.linkage not in ("average", "single", "complete", "weighted"):
+        if self.linkage not in LINKAGE_METHODS:
             raise ConfigError(
-                f"analysis.hierarchical.method={self.linkage!r} is not valid; choose one of: average, single, complete, weighted"
+                f"analysis.hierarchical.method={self.linkage!r} is not valid; choose one of: {', '.join(LINKAGE_METHODS)}"
             )
         if self.max_units is not None and int(self.max_units) < 2:
             raise ConfigError(f"analysis.max_units={self.max_units} must be null or at least 2")
