@@ -270,9 +270,9 @@ class ProbeRunner:
             if shift is not None:
                 fold_null(shift.finish())
 
-            release_free_memory()  # the heap's free pages back to the OS between passes (no creep)
             joint = {}
             if bins:
+                release_free_memory()  # the heap's free pages back to the OS between passes (no creep)
                 # Pass 2: joint bin counts, with the bin edges of pass 1.
                 joint = {
                     l: JointHistogram([self.widths[l]] * k, bins[l].compute(), pairs=o.heavy_pairs).to(device) for l in bins

@@ -49,8 +49,8 @@ class CyclicShift:
         t0, self.seen = self.seen, self.seen + n
         if self.head[0] is None or _rows(self.head[0]) < k - 1:
             for i, taps in enumerate(members):
-                have = [] if self.head[i] is None else [self.head[i]]
-                self.head[i] = _own(_cat([*have, _slice(taps, 0, k - 1 - (t0 if have else 0))]))
+                have = [] if self.head[i] is None else [self.head[i]]  # the head holds images 0..t0-1
+                self.head[i] = _own(_cat([*have, _slice(taps, 0, k - 1 - t0)]))
         r_lo, r_hi = max(t0, k - 1), t0 + n  # rows emitted now: [r_lo, r_hi)
         # Rows below t0 + K - 1 need some members' previous images (the tails): a small copy.
         # From there on member i's row r is image r - i of this batch: a view.
