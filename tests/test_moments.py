@@ -24,7 +24,9 @@ def make(shape, k=3, seed=0, scale=3.0, offset=2.0):
 
 
 @pytest.mark.parametrize("product_dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("shape", [(40, 5, 6, 6), (300, 7), (20, 4, 13, 13)])
+# (8, 3, 17, 17): products per image (>= BMM_MIN_SAMPLES positions); (300, 4, 6, 6): products over
+# all samples, split into runs of PRODUCT_SAMPLES.
+@pytest.mark.parametrize("shape", [(40, 5, 6, 6), (300, 7), (20, 4, 13, 13), (8, 3, 17, 17), (300, 4, 6, 6)])
 @pytest.mark.parametrize("splits", [[1], [3, 7], [1, 1, 2, 4, 8, 16, 8]])
 def test_matches_float64_numpy(shape, splits, product_dtype):
     sizes = [shape[1]] * 3
@@ -50,6 +52,12 @@ def test_matches_float64_numpy(shape, splits, product_dtype):
             block = (slice(i * c, (i + 1) * c), slice(j * c, (j + 1) * c))
             np.testing.assert_allclose(st.cov(i, j).numpy(), cov[block], atol=tol * scale, rtol=0)
             np.testing.assert_allclose(st.corr(i, j).numpy(), corr[block], atol=max(tol, 1e-12), rtol=0)
+    # the debiased CKA's sums: sum_p |x_i,p|^2 |x_j,p|^2 and sum_p |x_a,p|^2 x_b,p
+    norms = [(x[:, i * c : (i + 1) * c] ** 2).sum(1) for i in range(3)]
+    for (i, j), value in st.qq.items():
+        np.testing.assert_allclose(value.item(), norms[i] @ norms[j], rtol=tol, atol=0)
+    for (a, b), value in st.qx.items():
+        np.testing.assert_allclose(value.numpy(), norms[a] @ x[:, b * c : (b + 1) * c], rtol=tol, atol=0)
 
 
 def test_large_offset_stays_within_the_bar():
@@ -102,6 +110,22 @@ def test_pairs_keep_only_the_requested_blocks():
     assert st.cov(2, 0).shape == (3, 3)
     with pytest.raises(KeyError, match="no joint moments kept for nets"):
         st.cov(0, 1)
+
+
+@pytest.mark.parametrize("shape", [(6, 3, 17, 17), (300, 3, 6, 6)])  # per-image products; runs over all samples
+def test_kept_pairs_equal_the_same_blocks_of_all_pairs(shape):
+    acts = make(shape, k=3, seed=4)
+    some, every = Moments([3, 3, 3], pairs=[(2, 0)]), Moments([3, 3, 3])  # float64: equal to rounding
+    some.update(*acts)
+    every.update(*acts)
+    a, b = some.compute(), every.compute()
+    for block in a.blocks:
+        torch.testing.assert_close(a.sxx[block], b.sxx[block], rtol=1e-13, atol=0)
+        torch.testing.assert_close(a.qq[block], b.qq[block], rtol=1e-13, atol=0)
+    for key in a.qx:
+        torch.testing.assert_close(a.qx[key], b.qx[key], rtol=1e-13, atol=0)
+    for i in range(3):
+        torch.testing.assert_close(a.sums[i], b.sums[i], rtol=1e-13, atol=0)
 
 
 def test_memory_does_not_grow_with_the_probe_set():

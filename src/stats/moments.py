@@ -4,9 +4,12 @@
 processes and summing (``dist_reduce_fx="sum"``) gives the same statistics as one process.
 Nothing is kept of the activations once a batch has been folded in.
 
-Second moments are accumulated per batch as centred products plus the batch mean's outer product,
-``sum_b [ Xc_b^T Yc_b + n_b m_b^x (m_b^y)^T ]``. The centred products can be computed in float32
-(``product_dtype``) for speed; everything else, and every accumulation, is float64.
+Second moments are accumulated per chunk of images as products of the activations shifted by an
+estimate of the chunk's mean s (the mean of its first images), plus the shift's terms added back
+exactly: ``sum X^T Y = sum (X - s_x)^T (Y - s_y) + s_x S_y^T + S_x s_y^T + n s_x s_y^T`` with S the
+sums of the shifted values. The shifted products can be computed in float32 (``product_dtype``)
+for speed: near-centred values keep their rounding ~1e-7 relative to the covariance; everything
+else, and every accumulation, is float64.
 
 `MomentStats` holds the summed states and derives every statistic from them (mean, covariance,
 correlation, dead units). Two accumulators (for example a fit and a held-out split of the probe
@@ -31,8 +34,13 @@ Block = tuple[int, int]
 DEAD_RELATIVE_VARIANCE = 1e-12
 # Values per temporary buffer in update(): batches are folded in chunks of whole images.
 CHUNK_ELEMENTS = 1 << 24
-# Below this many positions per image, products run over all samples as rows instead of per image.
-BMM_MIN_SAMPLES = 128
+# Below this many positions per image, products run over all samples at once instead of per image.
+BMM_MIN_SAMPLES = 256
+# Samples per float32 product over all samples: its rounding grows with the terms it sums, so
+# longer runs are split and the pieces summed in float64.
+PRODUCT_SAMPLES = 1 << 11
+# Images of a chunk whose mean shifts the chunk before its float32 products (see Moments._fold).
+SHIFT_IMAGES = 16
 
 
 def flatten_samples(x: Tensor) -> Tensor:
@@ -213,13 +221,37 @@ def _full_precision_matmul():
         torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def _gram(x: Tensor) -> Tensor:
-    """sum_b x[b] x[b]^T for x [B, D, P]: a batched product when each block has many samples,
-    else one product of all samples as rows (thin per-image products are slow)."""
-    if x.shape[2] >= BMM_MIN_SAMPLES or x.shape[0] == 1:
-        return torch.bmm(x, x.transpose(1, 2)).sum(0)
-    rows = x.transpose(1, 2).reshape(-1, x.shape[1])
-    return rows.T @ rows
+class _WorkRows:
+    """The fold's work buffer: rows of values over the B * P samples of a chunk. Laid out per
+    image [B, rows, P] when images have many positions (a batched product per image is fastest),
+    else row-major [rows, B, P] (one product over all samples)."""
+
+    def __init__(self, n_rows: int, b: int, p: int, dtype: torch.dtype, device) -> None:
+        self.per_image = p >= BMM_MIN_SAMPLES and b > 1
+        self.buf = scratch("moments.x", (b, n_rows, p) if self.per_image else (n_rows, b, p), dtype, device)
+
+    def rows(self, sl) -> Tensor:
+        """Rows `sl` as [B, n, P] (per image) or [n, B, P]; an int gives [B, P]."""
+        return self.buf[:, sl] if self.per_image else self.buf[sl]
+
+    def fill(self, sl: slice, a: Tensor, shift: Tensor) -> None:
+        """Rows `sl` = a - shift, for a [B, C, P] and shift [C]: copy and shift in one pass."""
+        if self.per_image:
+            torch.sub(a, shift[:, None], out=self.buf[:, sl])
+        else:
+            torch.sub(a.transpose(0, 1), shift[:, None, None], out=self.buf[sl])
+
+    def product(self, r: slice, c: slice) -> Tensor:
+        """sum over samples of rows(r) rows(c)^T, float64."""
+        f64 = torch.float64
+        if self.per_image:
+            return torch.bmm(self.buf[:, r], self.buf[:, c].transpose(1, 2)).sum(0).to(f64)
+        flat = self.buf.flatten(1)
+        runs = [flat[:, lo : lo + PRODUCT_SAMPLES] for lo in range(0, flat.shape[1], PRODUCT_SAMPLES)]
+        total = (runs[0][r] @ runs[0][c].T).to(f64)
+        for run in runs[1:]:
+            total += run[r] @ run[c].T
+        return total
 
 
 class SumStates(Metric):
@@ -300,8 +332,8 @@ class Moments(SumStates):
         if first.dim() == 2:  # [N, C]: one block of N samples
             self._update_blocks([a.detach().T.unsqueeze(0) for a in acts])
             return
-        # [N, C, *spatial]: one block of positions per image, in chunks that bound the buffers.
-        per_image = max(first[0, 0].numel(), sum(self.sizes)) * sum(self.sizes)
+        # [N, C, *spatial]: one block of positions per image, in chunks that bound the buffer.
+        per_image = first[0, 0].numel() * (sum(self.sizes) + self._extra_rows)
         step = max(1, CHUNK_ELEMENTS // per_image)
         for lo in range(0, first.shape[0], step):
             self._update_blocks([a.detach()[lo : lo + step].flatten(2) for a in acts])
@@ -311,40 +343,69 @@ class Moments(SumStates):
             self._fold(acts)
 
     def _fold(self, acts: list[Tensor]) -> None:
-        """`acts[i]`: [B, C_i, P] (B blocks of P samples). All nets' units side by side in one
-        buffer [B, total, P]; every product is a batched matrix product over the blocks."""
+        """`acts[i]`: [B, C_i, P] (B images of P positions). One work buffer holds every net's
+        units one after another (D rows), shifted by the mean of the chunk's first images, then a
+        row of ones and, with the CKA sums, each net's per-sample squared norm (E extra rows).
+        Products of its rows give the shifted products, the sums and the CKA sums; the shift is
+        added back exactly in float64."""
         f64 = torch.float64
         work = f64 if self.product_dtype == f64 else self.product_dtype
-        edges = self._edges
+        edges, d, k = self._edges, sum(self.sizes), len(self.sizes)
         b, p = acts[0].shape[0], acts[0].shape[2]
-        x = scratch("moments.x", (b, sum(self.sizes), p), work, acts[0].device)
-        for (lo, hi), a in zip(edges, acts):
-            x[:, lo:hi].copy_(a)
         rows = b * p
-        # float32 work: sum each block of P samples in float32 (P <= a few thousand: ~1e-7
-        # relative), the blocks in float64; a float64 conversion of the whole buffer costs more.
-        sums = x.sum((0, 2)) if work == f64 else x.sum(2).to(f64).sum(0)
+        x = _WorkRows(d + self._extra_rows, b, p, work, acts[0].device)
+        shift = torch.cat([a[:SHIFT_IMAGES].mean((0, 2), dtype=work) for a in acts])
+        for (lo, hi), a in zip(edges, acts):
+            x.fill(slice(lo, hi), a, shift[lo:hi])
+        x.rows(d).fill_(1.0)
+        if self.cka_sums:
+            sq = scratch("moments.sq", (b, max(self.sizes), p), work, x.buf.device)
+            for i, a in enumerate(acts):  # |x_i|^2 of every sample, from the raw activations
+                part = sq[:, : a.shape[1]]  # squared in the work dtype (a float32 square loses digits)
+                squares = torch.mul(a, a, out=part) if a.dtype == work else part.copy_(a).square_()
+                torch.sum(squares, 1, out=x.rows(d + 1 + i))
+        # The extra rows against every row apart: a product of D + E rows is much slower than of
+        # D rows when D fits the kernel's tiles and D + E does not.
+        extra = x.product(slice(d, None), slice(None))  # [E, D + E]
+        shift = shift.to(f64)
+        shifted_sums = extra[0, :d]  # sum of (x - shift): not exactly 0 in float32
+        sums = shifted_sums + rows * shift
+        # sum x_i x_j^T = sum (x_i - s_i)(x_j - s_j)^T + s_i S_j^T + S_i s_j^T + n s_i s_j^T
+        # (the last three terms as one product [s, S + n s / 2] [S + n s / 2, s]^T)
+        half = shifted_sums + rows / 2 * shift
+        left, right = torch.stack([shift, half], 1), torch.stack([half, shift], 0)
+        if len(self.block_list) == k * (k + 1) // 2:  # every pair: one product of all units
+            raw = x.product(slice(0, d), slice(0, d)).addmm_(left, right)
+            blocks = [raw[slice(*edges[i]), slice(*edges[j])] for i, j in self.block_list]
+        else:
+            blocks = []
+            for i, j in self.block_list:
+                si, sj = slice(*edges[i]), slice(*edges[j])
+                blocks.append(x.product(si, sj).addmm_(left[si], right[:, sj]))
+        states, values = [], []  # added with one call: per-state calls cost more than small layers' products
+
+        def add(name: str, value: Tensor) -> None:
+            states.append(getattr(self, name))
+            values.append(value)
+
         self.n += rows
         for i, (lo, hi) in enumerate(edges):
-            getattr(self, f"sum_{i}").add_(sums[lo:hi])
-        means = sums / rows
+            add(f"sum_{i}", sums[lo:hi])
+        for (i, j), block in zip(self.block_list, blocks):
+            add(_block_name("sxx", i, j), block)
         if self.cka_sums:
-            # Per-sample squared norms of each net's raw activations, q [B, K, P], and the raw
-            # sums q_a . q_b and q_a^T x_b that the debiased CKA needs.
-            sq = torch.mul(x, x, out=scratch("moments.sq", x.shape, work, x.device))
-            ones = self._segments(x.device, work).T.unsqueeze(0).expand(b, -1, -1)
-            q = torch.bmm(ones, sq)  # [B, K, P]
-            qq = _gram(q).to(f64)
-            qx = torch.bmm(q, x.transpose(1, 2)).sum(0).to(f64)  # [K, total]
-        x -= means.to(work)[None, :, None]  # centred per chunk; the mean's part is added exactly
-        for (i, j), prod in zip(self.block_list, self._products(x)):
-            (li, hi_), (lj, hj) = edges[i], edges[j]
-            block = getattr(self, _block_name("sxx", i, j))
-            block.add_(prod.to(f64)).add_(torch.outer(means[li:hi_], means[lj:hj]), alpha=rows)
-            if self.cka_sums:
-                getattr(self, _block_name("qq", i, j)).add_(qq[i, j])
+            q = extra[1:]  # [K, D + E]: sums of |x_a|^2 times each row
+            qq = q[:, d + 1 :]
+            qx = q[:, :d] + torch.outer(q[:, d], shift)  # sum |x_a|^2 x = sum |x_a|^2 (x - s) + (sum |x_a|^2) s
+            for i, j in self.block_list:
+                add(_block_name("qq", i, j), qq[i, j])
                 for a, c in {(i, j), (j, i)}:
-                    getattr(self, _block_name("qx", a, c)).add_(qx[a, slice(*edges[c])])
+                    add(_block_name("qx", a, c), qx[a, slice(*edges[c])])
+        torch._foreach_add_(states, values)
+
+    @property
+    def _extra_rows(self) -> int:
+        return 1 + (len(self.sizes) if self.cka_sums else 0)
 
     @property
     def _edges(self) -> list[tuple[int, int]]:
@@ -353,24 +414,6 @@ class Moments(SumStates):
             edges.append((lo, lo + c))
             lo += c
         return edges
-
-    def _segments(self, device, dtype) -> Tensor:
-        """[total units, K] indicator: which net each unit belongs to."""
-        seg = torch.zeros(sum(self.sizes), len(self.sizes), dtype=dtype, device=device)
-        for i, (lo, hi) in enumerate(self._edges):
-            seg[lo:hi, i] = 1.0
-        return seg
-
-    def _products(self, x: Tensor) -> list[Tensor]:
-        """Centred products Xc_i^T Xc_j of every kept block, summed over the blocks of samples.
-        With every pair kept, one product of all nets side by side beats many thin ones."""
-        k, edges = len(self.sizes), self._edges
-        if k > 1 and len(self.block_list) == k * (k + 1) // 2:
-            gram = _gram(x)
-            return [gram[slice(*edges[i]), slice(*edges[j])] for i, j in self.block_list]
-        if x.shape[2] < BMM_MIN_SAMPLES and x.shape[0] > 1:
-            x = x.transpose(1, 2).reshape(1, -1, x.shape[1]).transpose(1, 2)
-        return [torch.bmm(x[:, slice(*edges[i])], x[:, slice(*edges[j])].transpose(1, 2)).sum(0) for i, j in self.block_list]
 
     def compute(self) -> MomentStats:
         qq = qx = None
