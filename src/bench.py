@@ -319,9 +319,14 @@ def probe_pass_cost(options: Options, device: str = "cpu") -> Measured:
     light = stopwatch(lambda: runner.run(members, batches, device, full=False), device)
     split = stopwatch(lambda: runner.run(members, batches, device, full=True), device)
     forward = stopwatch(lambda: forward_taps(runner, members, batches, device), device)
-    t_light, t_split, t_fwd = alternate([light, split, forward], options.pick(full=7, quick=1), warmup=1)
+    # light and forward back to back in every round: the median of the per-round ratios follows the
+    # machine's drifting load better than a ratio of medians (both are reported)
+    t_light, t_fwd, t_split = alternate([light, forward, split], options.pick(full=11, quick=1), warmup=1)
+    paired = [a / b for a, b in zip(t_light, t_fwd)]
     return Measured(
-        median(t_light) / median(t_fwd),
+        median(paired),
+        f"median of {len(paired)} per-round ratios light / forward ({min(paired):.3g}-{max(paired):.3g}; ratio of "
+        f"medians {median(t_light) / median(t_fwd):.3g}); "
         f"{device}; {MAIN_K} x alexnet_small 0.25, {n} {'generated' if options.quick else 'mnist5k'} probe images "
         f"in batches of {PROBE_BATCH}, taps of "
         f"{', '.join(LAYERS)} (eval, no_grad); with the monitor's light-step moments (run(full=False): one "
