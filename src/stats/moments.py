@@ -8,7 +8,7 @@ Second moments are accumulated per chunk of images as products of the activation
 estimate of the chunk's mean s (the mean of its first images), plus the shift's terms added back
 exactly: ``sum X^T Y = sum (X - s_x)^T (Y - s_y) + s_x S_y^T + S_x s_y^T + n s_x s_y^T`` with S the
 sums of the shifted values. The shifted products can be computed in float32 (``product_dtype``)
-for speed: near-centred values keep their rounding ~1e-7 relative to the covariance; everything
+for speed: near-centred values keep their rounding within ~1e-6 of the covariance; everything
 else, and every accumulation, is float64.
 
 `MomentStats` holds the summed states and derives every statistic from them (mean, covariance,
