@@ -14,7 +14,7 @@ failed to run, with the error in ``detail``).
 
 Figures (README "Benchmarks"):
   probe_pass_cost         ensemble probe forward with the monitor's moments / the same forward alone
-  stats_memory            peak memory of the statistics at probe size 8,000 / at 1,000 (subprocesses)
+  stats_memory            peak memory a probe pass holds at probe size 8,000 / at 1,000 (subprocesses)
   monitor_overhead        wall time of `convergent-train` / `convergent-train callbacks=none`
   sparse_speedup          scikit-learn Lasso path per target / `sparse_prediction` from the moments
   max_match_4096          seconds of `max_match` on a 4096 x 4096 correlation matrix
@@ -409,8 +409,9 @@ def child_memory(n: int, quick: bool = False) -> dict:
 # glibc's initial mmap threshold (128 KiB), fixed: every allocation of 128 KiB or more gets its own
 # mapping and goes back to the OS when freed, so the resident peak is the memory the pass holds.
 # By default glibc raises the threshold as big blocks are freed and later ones land in the heap,
-# whose fragments (around the members' forward: measured) vary by +-10 MiB between identical
-# processes, more than the 5 % the figure resolves; that figure is reported beside it.
+# whose fragments (around the members' forward: measured) differ by tens of MiB between identical
+# processes (1,000 images: 239 to 280 MiB), more than the 5 % the figure must resolve; that
+# figure is reported beside it.
 HELD_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
