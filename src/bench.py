@@ -442,18 +442,18 @@ def stats_memory(options: Options) -> Measured:
         )
 
     ratio, held_text = peaks(held)
-    default_ratio, default_text = peaks(default) if glibc else (None, "")
+    if glibc:
+        default_ratio, default_text = peaks(default)
+        held_text = f"glibc's mmap threshold fixed at 128 KiB (memory held, no heap fragments): {held_text}; "
+        held_text += f"with glibc's default dynamic threshold (heap fragments too): {default_ratio:.3g} = {default_text}"
     a = held[large][0]
     return Measured(
         ratio,
         f"every statistic of the default analysis config (moments, null, MI bins/joint, top-k, pooled) of "
         f"{k} x alexnet_small 0.25, batches of {batch} generated images, after a first pass of {small} images "
         f"(as the monitor's later analysis steps); peak memory over the process with its members (statistics' "
-        f"states, work memory, the forward's taps and what the first pass left), "
-        + ("glibc's mmap threshold fixed at 128 KiB (memory held, no heap fragments): " if glibc else "")
-        + f"{held_text}; "
-        + (f"with glibc's default dynamic threshold (heap fragments too): {default_ratio:.3g} = {default_text}; " if glibc else "")
-        + f"the statistics' states alone: {a['estimate_bytes'] / mib:.1f} MiB; each run a fresh process, {a['method']}",
+        f"states, work memory, the forward's taps and what the first pass left), {held_text}; "
+        f"the statistics' states alone: {a['estimate_bytes'] / mib:.1f} MiB; each run a fresh process, {a['method']}",
     )
 
 
