@@ -115,7 +115,11 @@ class ProbeRunner:
         self.units = {layer: unit_subset(widths[layer], options.max_units, layer) for layer in options.layers}
         self.widths = {layer: (len(u) if u is not None else widths[layer]) for layer, u in self.units.items()}
         self.pooled_index, self.pooled_pairs = pooled_blocks(options.layers, k, options.heavy_pairs)
-        self.top_members = sorted({i for p in member_pairs(k, options.heavy_pairs) for i in p})
+        # Top activations and mutual information need only the members of the heavy pairs:
+        # their statistics index those members 0.. (keys map back to member indices).
+        self.heavy_members = sorted({i for p in member_pairs(k, options.heavy_pairs) for i in p})
+        heavy_index = {m: i for i, m in enumerate(self.heavy_members)}
+        self.heavy_pair_index = [(heavy_index[a], heavy_index[b]) for a, b in member_pairs(k, options.heavy_pairs)]
         # The null needs only the members of its pairs: statistics over those, re-indexed 0..
         self.null_members = sorted({i for p in member_pairs(k, options.null_pairs) for i in p})
         self.null_index = {m: i for i, m in enumerate(self.null_members)}
@@ -145,17 +149,19 @@ class ProbeRunner:
             if o.null and k > 1:
                 est["null"] += 2 * estimate_state_bytes([self.widths[layer]] * len(self.null_members), self.null_pair_index)
             if o.mutual_info and k > 1 and layer in self.mi_layers:
-                est["mutual_info"] += estimate_joint_bytes(sizes, o.heavy_pairs) + 8 * sum(sizes) * 1203
+                heavy = [self.widths[layer]] * len(self.heavy_members)
+                est["mutual_info"] += estimate_joint_bytes(heavy, self.heavy_pair_index) + 8 * sum(heavy) * 1203
             if o.top_k and layer in CONV_LAYERS:
-                est["top_k"] += 8 * 4 * o.top_k * self.widths[layer] * len(self.top_members)
+                est["top_k"] += 8 * 4 * o.top_k * self.widths[layer] * len(self.heavy_members)
         if o.pooled and k > 1:
             est["pooled"] = estimate_state_bytes(self.pooled_sizes, self.pooled_pairs)
         est["total"] = sum(est.values())
         return est
 
     # --- the pass ----------------------------------------------------------------------------
-    def taps(self, members: Sequence[nn.Module], images: Tensor) -> list[dict[str, Tensor]]:
-        """Every member's post-ReLU taps as float32 (unit subset applied), plus pooled features."""
+    def taps(self, members: Sequence[nn.Module], images: Tensor, pooled: bool = True) -> list[dict[str, Tensor]]:
+        """Every member's post-ReLU taps as float32 (unit subset applied), plus pooled features
+        (unless `pooled` is False)."""
         out = []
         for member in members:
             _, taps = member(images, taps=self.options.layers)
@@ -165,10 +171,14 @@ class ProbeRunner:
                 if self.units[layer] is not None:
                     act = act[:, self.units[layer].to(act.device)]
                 kept[layer] = act
-            if self.options.pooled:
+            if pooled and self.options.pooled:
                 kept[POOLED] = torch.cat([a.mean(dim=(2, 3)) if a.dim() == 4 else a for a in kept.values()], dim=1)
             out.append(kept)
         return out
+
+    def _member_keys(self, counts: dict[tuple[int, int], Tensor]) -> dict[tuple[int, int], Tensor]:
+        """Joint counts keyed by member pairs (the histogram indexes the heavy members 0..)."""
+        return {(self.heavy_members[i], self.heavy_members[j]): c for (i, j), c in counts.items()}
 
     def _pooled_acts(self, taps: list[dict[str, Tensor]]) -> list[Tensor]:
         """Pooled features split back into one tensor per (layer, member), in pooled_index order."""
@@ -203,9 +213,12 @@ class ProbeRunner:
             "null_held": {l: moments([self.widths[l]] * len(self.null_members), self.null_pair_index) for l in layers}
             if null_on
             else {},
-            "bins": {l: UnitBins([self.widths[l]] * k).to(device) for l in (self.mi_layers if o.mutual_info and k > 1 else [])},
+            "bins": {
+                l: UnitBins([self.widths[l]] * len(self.heavy_members)).to(device)
+                for l in (self.mi_layers if o.mutual_info and k > 1 else [])
+            },
             "top": {
-                l: TopActivations([self.widths[l]] * len(self.top_members), k=o.top_k).to(device)
+                l: TopActivations([self.widths[l]] * len(self.heavy_members), k=o.top_k).to(device)
                 for l in layers
                 if l in CONV_LAYERS
             }
@@ -258,10 +271,11 @@ class ProbeRunner:
                         held[l].update(*[a[odd] for a in acts])
                     else:  # no held-out analysis at light steps: one accumulator, no split copies
                         fit[l].update(*acts)
+                    heavy = [acts[i] for i in self.heavy_members]
                     if l in bins:
-                        bins[l].update(*self.mi_acts(l, acts))
+                        bins[l].update(*self.mi_acts(l, heavy))
                     if l in top:
-                        top[l].update(*[acts[i] for i in self.top_members], image_index=index)
+                        top[l].update(*heavy, image_index=index)
                 if pooled is not None:
                     pooled.update(*self._pooled_acts(taps))
                 if shift is not None:
@@ -273,12 +287,14 @@ class ProbeRunner:
             joint = {}
             if bins:
                 release_free_memory()  # the heap's free pages back to the OS between passes (no creep)
-                # Pass 2: joint bin counts, with the bin edges of pass 1.
+                # Pass 2: joint bin counts, with the bin edges of pass 1 (the heavy pairs' members only).
                 joint = {
-                    l: JointHistogram([self.widths[l]] * k, bins[l].compute(), pairs=o.heavy_pairs).to(device) for l in bins
+                    l: JointHistogram([self.widths[l]] * len(self.heavy_members), bins[l].compute(), pairs=self.heavy_pair_index).to(device)
+                    for l in bins
                 }
+                heavy_members = [members[i] for i in self.heavy_members]
                 for batch in loader:
-                    taps = self.taps(members, batch[0].to(device))
+                    taps = self.taps(heavy_members, batch[0].to(device), pooled=False)
                     for l in bins:
                         joint[l].update(*self.mi_acts(l, [t[l] for t in taps]))
                     del taps
@@ -290,8 +306,8 @@ class ProbeRunner:
                 held=held[l].compute() if full else None,
                 null_fit=null_fit[l].compute() if l in null_fit else None,
                 null_held=null_held[l].compute() if l in null_held and full else None,
-                mi_counts=joint[l].compute() if l in joint else None,
-                top=dict(zip(self.top_members, top[l].compute())) if l in top else None,
+                mi_counts=self._member_keys(joint[l].compute()) if l in joint else None,
+                top=dict(zip(self.heavy_members, top[l].compute())) if l in top else None,
                 units=self.units[l],
             )
             for l in layers

@@ -63,3 +63,28 @@ def test_split_and_null_statistics_equal_direct_computation(order):
         rows = torch.arange(M)
         check_moments(ls.null_fit, [r[rows % 2 == 0] for r in rolled])
         check_moments(ls.null_held, [r[rows % 2 == 1] for r in rolled])
+
+
+def test_heavy_pair_statistics_do_not_depend_on_the_other_members():
+    """Mutual-information counts and top activations of heavy pair (1, 2), computed over those two
+    members only, equal those of a pass that keeps every pair (exact integer counts, same top-k)."""
+    nets = members()
+    images = torch.rand(M, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    loader = [(images[lo : lo + 8], torch.zeros(8), torch.arange(lo, min(lo + 8, M))) for lo in range(0, M, 8)]
+    widths = {"conv2": 32, "fc6": 128}
+
+    def run(heavy_pairs):
+        options = ProbeOptions(layers=LAYERS, heavy_pairs=heavy_pairs, null=False, mutual_info=True, top_k=3, pooled=False)
+        return ProbeRunner(options, widths, K).run(nets, loader, "cpu", full=True)
+
+    only, every = run([(1, 2)]), run(None)
+    for layer in LAYERS:
+        assert set(only.layers[layer].mi_counts) == {(1, 2)}
+        counts = only.layers[layer].mi_counts[(1, 2)]
+        assert counts.sum() > 0
+        torch.testing.assert_close(counts, every.layers[layer].mi_counts[(1, 2)], rtol=0, atol=0)
+    top_only, top_every = only.layers["conv2"].top, every.layers["conv2"].top
+    assert set(top_only) == {1, 2}
+    for m in (1, 2):
+        for got, want in zip(top_only[m], top_every[m]):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
