@@ -22,7 +22,8 @@ def save_checkpoint_atomic(trainer: pl.Trainer, path: Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{path.name}")
-    trainer.save_checkpoint(str(tmp))  # rank 0 writes, then a barrier
+    # weights_only=False: the full training state, said explicitly (Lightning logs a line otherwise)
+    trainer.save_checkpoint(str(tmp), weights_only=False)  # rank 0 writes, then a barrier
     if trainer.is_global_zero:
         os.replace(tmp, path)
 
