@@ -24,7 +24,7 @@ from convergent.callbacks.checkpointing import ends_epoch, save_checkpoint_atomi
 from convergent.callbacks.schedule import Schedule
 from convergent.config import ConfigError
 from convergent.pipeline import analyze
-from convergent.plotting import OVER_TRAINING, over_training_figure, step_figures
+from convergent.plotting import OVER_TRAINING, collecting_young_garbage, over_training_figure, step_figures
 from convergent.probe import ProbeOptions, ProbeRunner
 from convergent.settings import AnalysisSettings
 from convergent.sinks import RunSinks
@@ -153,8 +153,9 @@ class ConvergenceMonitor(pl.Callback):
         report.scalars["monitor/analysis_seconds"] = t_fig - t
         if self._figures_due(step, full):
             probe_set = self.datamodule.probe_set(self.settings.probe_size)
-            for key, fig in step_figures(report, self.settings, list(trainer.lightning_module.members), probe_set):
-                sinks.figure(key, fig, step)
+            with collecting_young_garbage():
+                for key, fig in step_figures(report, self.settings, list(trainer.lightning_module.members), probe_set):
+                    sinks.figure(key, fig, step)
         self.timings["figures"] += time.perf_counter() - t_fig
         for key, (columns, rows) in report.tables.items():
             sinks.table(key, columns, rows, step)
@@ -191,10 +192,11 @@ class ConvergenceMonitor(pl.Callback):
 
     def write_over_training(self, trainer) -> None:
         sinks = RunSinks(self.run_dir, trainer.loggers)
-        for family, name in OVER_TRAINING:
-            fig = over_training_figure(self.history, family, name, self.settings.layers)
-            if fig is not None:
-                sinks.figure(f"over_training/{family}_{name}", fig, int(trainer.global_step))
+        with collecting_young_garbage():
+            for family, name in OVER_TRAINING:
+                fig = over_training_figure(self.history, family, name, self.settings.layers)
+                if fig is not None:
+                    sinks.figure(f"over_training/{family}_{name}", fig, int(trainer.global_step))
         timings = {f"monitor/seconds/{k}": v for k, v in self.timings.items()}
         sinks.scalars(timings, int(trainer.global_step))
         rank_zero_info("convergent: monitor time " + ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items()))
