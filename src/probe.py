@@ -6,8 +6,9 @@ under no_grad; their previous mode is restored.
 
 Per layer: two `Moments` (fit / held-out: even / odd probe images), optionally the same for the
 permutation null (`CyclicShift`), `UnitBins` + `JointHistogram` for mutual information (a second
-pass), `TopActivations` for unit visualisations. Across layers: one `Moments` of image-level
-features (conv taps averaged over space) of every (layer, member), for cross-layer measures.
+pass) and `TopActivations` for unit visualisations (both over the heavy pairs' members only).
+Across layers: one `Moments` of image-level features (conv taps averaged over space) of every
+(layer, member), for cross-layer measures.
 """
 
 from __future__ import annotations
