@@ -101,6 +101,15 @@ def member_pairs(k: int, pairs) -> list[tuple[int, int]]:
     return [(a, b) for a in range(k) for b in range(a + 1, k)] if pairs is None else [tuple(p) for p in pairs]
 
 
+def member_subset(k: int, pairs) -> tuple[list[int], dict[int, int], list[tuple[int, int]]]:
+    """The members of some pairs (sorted), each one's index among them, and the pairs in those
+    indices: statistics kept over a subset of members index them 0.."""
+    kept = member_pairs(k, pairs)
+    members = sorted({i for p in kept for i in p})
+    index = {m: i for i, m in enumerate(members)}
+    return members, index, [(index[a], index[b]) for a, b in kept]
+
+
 def pooled_blocks(layers: Sequence[str], k: int, pairs) -> tuple[dict, list[tuple[int, int]]]:
     """Index of every (layer, member) among the pooled nets, and the blocks cross-layer measures
     need: every layer of a against every layer of b, for each member pair."""
@@ -116,15 +125,10 @@ class ProbeRunner:
         self.units = {layer: unit_subset(widths[layer], options.max_units, layer) for layer in options.layers}
         self.widths = {layer: (len(u) if u is not None else widths[layer]) for layer, u in self.units.items()}
         self.pooled_index, self.pooled_pairs = pooled_blocks(options.layers, k, options.heavy_pairs)
-        # Top activations and mutual information need only the members of the heavy pairs:
-        # their statistics index those members 0.. (keys map back to member indices).
-        self.heavy_members = sorted({i for p in member_pairs(k, options.heavy_pairs) for i in p})
-        heavy_index = {m: i for i, m in enumerate(self.heavy_members)}
-        self.heavy_pair_index = [(heavy_index[a], heavy_index[b]) for a, b in member_pairs(k, options.heavy_pairs)]
-        # The null needs only the members of its pairs: statistics over those, re-indexed 0..
-        self.null_members = sorted({i for p in member_pairs(k, options.null_pairs) for i in p})
-        self.null_index = {m: i for i, m in enumerate(self.null_members)}
-        self.null_pair_index = [(self.null_index[a], self.null_index[b]) for a, b in member_pairs(k, options.null_pairs)]
+        # Top activations and mutual information need only the members of the heavy pairs, the
+        # null only those of its pairs: statistics over those, re-indexed 0.. (keys map back).
+        self.heavy_members, _, self.heavy_pair_index = member_subset(k, options.heavy_pairs)
+        self.null_members, self.null_index, self.null_pair_index = member_subset(k, options.null_pairs)
         self.pooled_sizes = [self.widths[layer] for layer in options.layers for _ in range(k)]
         self.mi_layers = [l for l in options.layers if options.mi_layers is None or l in options.mi_layers]
         self._acc: dict[str, Any] | None = None
