@@ -442,6 +442,7 @@ def degenerate_pair(draw):
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(degenerate_pair())
 @example([np.array([[3.68e-118], [0.0]]), np.zeros((2, 1))])  # sqrt(ta * tb) underflowed to 0 once
+@example([np.array([[1.88798916e-155], [0.0]]), np.zeros((2, 1))])  # a whitener cached unscaled (dead partner)
 @example([np.array([[1e-150, 2e-150], [3e-150, -1e-150], [0.0, 5e-150], [1e-150, 1e-150]]), np.ones((4, 2))])
 def test_no_nan_or_inf_on_degenerate_inputs(pair):
     x, y = pair
@@ -486,3 +487,22 @@ def test_measures_on_cuda_match_cpu(name):
     assert m(built, 0, 1) == pytest.approx(expected, abs=1e-9)
     res = canonical_correlations(moved, 0, 1)
     assert res.rho.is_cuda and res.variates_a(torch.from_numpy(x).cuda()).is_cuda
+
+
+@pytest.mark.parametrize("name", ["cca", "svcca", "pwcca"])
+def test_cca_family_does_not_depend_on_the_pairs_computed_before(name):
+    """Each net's whitener is cached on the stats: a pair with an all-dead net computed first must
+    not change a later pair's value (it once cached an unscaled whitener: 0.98 -> 0.015)."""
+    rng = np.random.default_rng(0)
+    x = 30 * rng.standard_normal((200, 5))
+    y = x @ rng.standard_normal((5, 5)) + rng.standard_normal((200, 5))
+    dead = np.zeros((200, 5))
+    measure = MEASURES[name]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SampleSizeWarning)
+        alone = measure(stats_from_arrays(x, y, dead), 0, 1)
+        stats = stats_from_arrays(x, y, dead)
+        assert measure(stats, 0, 2) == 0.0 and measure(stats, 2, 1) == 0.0
+        after = measure(stats, 0, 1)
+    assert alone > 0.5
+    assert after == pytest.approx(alone, rel=1e-12)

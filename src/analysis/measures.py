@@ -297,8 +297,10 @@ def _canonical_correlations(stats: MomentStats, a: int, b: int, epsilon: float, 
     c_aa, c_bb, c_ab = _live_cov(stats, a, a), _live_cov(stats, b, b), _live_cov(stats, a, b)
     ta, tb = _total_var(c_aa), _total_var(c_bb)
     # Scale-free: unit total variance per net (CCA is scale-invariant; the ridge is relative).
-    if ta > 0.0 and tb > 0.0:
-        c_aa, c_bb, c_ab = c_aa / ta, c_bb / tb, c_ab / (math.sqrt(ta) * math.sqrt(tb))
+    # Each net on its own (an all-dead net stays 0), so a net's scaled covariance and its cached
+    # whitener do not depend on which net it is paired with.
+    sa, sb = (math.sqrt(ta) if ta > 0.0 else 1.0), (math.sqrt(tb) if tb > 0.0 else 1.0)
+    c_aa, c_bb, c_ab = c_aa / (ta if ta > 0.0 else 1.0), c_bb / (tb if tb > 0.0 else 1.0), c_ab / (sa * sb)
     # Whitening depends on one net only: cached on the stats (cross-layer tables reuse it).
     wa = stats.memo(("whitener", a, epsilon, rank_tol, keep), lambda: _whitener(c_aa, epsilon, rank_tol, keep))
     wb = stats.memo(("whitener", b, epsilon, rank_tol, keep), lambda: _whitener(c_bb, epsilon, rank_tol, keep))
@@ -311,8 +313,8 @@ def _canonical_correlations(stats: MomentStats, a: int, b: int, epsilon: float, 
     u, s, vh = torch.linalg.svd(wa.T @ c_ab @ wb, full_matrices=False)
     rho = s[:m].clamp(0.0, 1.0)
     # directions for the unnormalised activations (undo the unit-total-variance scaling)
-    dirs_a = wa @ u[:, :m] / (math.sqrt(ta) if ta > 0 else 1.0)
-    dirs_b = wb @ vh.T[:, :m] / (math.sqrt(tb) if tb > 0 else 1.0)
+    dirs_a = wa @ u[:, :m] / sa
+    dirs_b = wb @ vh.T[:, :m] / sb
     return CCAResult(rho, dirs_a, dirs_b, mean_a, mean_b, dims)
 
 
