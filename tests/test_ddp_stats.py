@@ -25,8 +25,13 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
         for start in range(lo, hi, 4):
             m.update(*[a[start : min(start + 4, hi)] for a in acts])
         st = m.compute()  # sum-reduced across both processes
+        grouped = Moments([5, 5, 5], pairs=[(0, 1), (1, 2)], groups=4)
+        for start in range(lo, hi, 4):
+            grouped.update(*[a[start : min(start + 4, hi)] for a in acts], group=start)
+        g = grouped.compute_groups()
         if rank == 0:
-            torch.save({"n": st.n, "cov01": st.cov(0, 1), "cov22": st.cov(2, 2), "qx": st.qx[(2, 1)], "qq": st.qq[(1, 2)]}, out)
+            torch.save({"n": st.n, "cov01": st.cov(0, 1), "cov22": st.cov(2, 2), "qx": st.qx[(2, 1)], "qq": st.qq[(1, 2)],
+                        "g_n": g.n, "g_cov12": g.leave_out(1).cov(1, 2)}, out)  # fmt: skip
     finally:
         dist.destroy_process_group()
 
@@ -48,4 +53,9 @@ def test_two_processes_equal_one(tmp_path):
     torch.testing.assert_close(got["cov01"], st.cov(0, 1), atol=1e-9, rtol=0)
     torch.testing.assert_close(got["cov22"], st.cov(2, 2), atol=1e-9, rtol=0)
     torch.testing.assert_close(got["qx"], st.qx[(2, 1)], atol=1e-9, rtol=1e-12)
+    grouped = Moments([5, 5, 5], pairs=[(0, 1), (1, 2)], groups=4)
+    grouped.update(*data(), group=0)
+    g = grouped.compute_groups()
+    torch.testing.assert_close(got["g_n"], g.n, atol=0, rtol=0)  # images i % 4 == g, whichever process saw them
+    torch.testing.assert_close(got["g_cov12"], g.leave_out(1).cov(1, 2), atol=1e-9, rtol=0)
     torch.testing.assert_close(got["qq"], st.qq[(1, 2)], atol=1e-9, rtol=1e-12)

@@ -2,11 +2,9 @@
 
 from convergent.stats.histogram import JointHistogram, UnitBins
 from convergent.stats.moments import MomentStats, Moments, estimate_state_bytes, flatten_samples
-from convergent.stats.shift import CyclicShift
 from convergent.stats.topk import TopActivations, crop_patch
 
 __all__ = [
-    "CyclicShift",
     "JointHistogram",
     "MomentStats",
     "Moments",

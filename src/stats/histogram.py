@@ -249,12 +249,17 @@ class JointHistogram(SumStates):
         pairs: Iterable[Sequence[int]] | None = None,
         product_dtype: torch.dtype = torch.float32,
         chunk_elements: int = CHUNK_ELEMENTS,
+        groups: int = 1,
+        state_dtype: torch.dtype = torch.float64,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         self.sizes = tuple(int(s) for s in sizes)
         if not self.sizes or min(self.sizes) < 1:
             raise ValueError(f"sizes must be positive unit counts, got {sizes}")
+        if state_dtype not in (torch.float32, torch.float64):
+            raise ValueError("state_dtype must be float32 (exact counts below 2**24 per cell) or float64")
+        self.state_dtype = state_dtype
         if len(edges) != len(self.sizes):
             raise ValueError(f"need one edges tensor per net ({len(self.sizes)}), got {len(edges)}")
         if product_dtype not in (torch.float32, torch.float64):
@@ -267,10 +272,13 @@ class JointHistogram(SumStates):
         self.pair_list = resolve_pairs(len(self.sizes), pairs)
         self.product_dtype = product_dtype
         self.chunk_elements = int(chunk_elements)
-        self.add_sum_state("n", ())
+        if int(groups) < 1:
+            raise ValueError(f"groups must be >= 1, got {groups}")
+        self.groups = int(groups)
+        self.add_sum_state("n", (self.groups,))
         b = self.n_bins
         for i, j in self.pair_list:
-            self.add_sum_state(f"joint_{i}_{j}", (self.sizes[i] * b, self.sizes[j] * b))
+            self.add_sum_state(f"joint_{i}_{j}", (self.groups, self.sizes[i] * b, self.sizes[j] * b), dtype=state_dtype)
 
     def edges(self, i: int) -> Tensor:
         return getattr(self, f"edges_{i}")
@@ -282,36 +290,71 @@ class JointHistogram(SumStates):
         out = torch.zeros(x.shape[0], x.shape[1] * b, dtype=self.product_dtype, device=x.device)
         return out.scatter_(1, idx, 1.0)
 
-    def update(self, *acts: Tensor) -> None:
+    def update(self, *acts: Tensor, group: Tensor | int | None = None) -> None:
+        """Fold a batch in; ``group`` (with ``groups`` > 1) gives each image's group as in
+        `Moments.update` (a tensor, or an int o: image i in group (o + i) % groups)."""
         xs = _check_acts(acts, self.sizes)
         rows = xs[0].shape[0]
         if rows == 0:
             return
-        self.n += rows
+        if self.groups == 1:
+            self._add(xs, 0)
+            return
+        images = acts[0].shape[0]
+        per_image = rows // images
+        if isinstance(group, int):
+            image_group = (group + torch.arange(images, device=xs[0].device)) % self.groups
+        elif group is None:
+            raise ValueError(f"update() of a JointHistogram with {self.groups} groups needs each image's group (`group=`)")
+        else:
+            image_group = group.reshape(-1).to(xs[0].device)
+        row_group = image_group.repeat_interleave(per_image)
+        for g in torch.unique(image_group).tolist():
+            keep = torch.nonzero(row_group == g).flatten()
+            self._add([x.index_select(0, keep) for x in xs], int(g))
+
+    def _add(self, xs: list[Tensor], g: int) -> None:
+        rows = xs[0].shape[0]
+        self.n[g] += rows
         used = sorted({i for pair in self.pair_list for i in pair})
         width = sum(self.sizes[i] for i in used) * self.n_bins
         cap = FLOAT32_EXACT_ROWS - 1 if self.product_dtype == torch.float32 else None
         for chunk in _row_chunks(rows, width, self.chunk_elements, cap):
             onehot = {i: self._onehot(xs[i][chunk], i) for i in used}
             for i, j in self.pair_list:
-                getattr(self, f"joint_{i}_{j}").add_((onehot[i].T @ onehot[j]).to(torch.float64))
+                getattr(self, f"joint_{i}_{j}")[g].add_((onehot[i].T @ onehot[j]).to(self.state_dtype))
 
-    def counts(self, i: int, j: int) -> Tensor:
-        """Joint counts ``[C_i, C_j, B, B]`` of one kept pair (a view of the state)."""
+    def counts(self, i: int, j: int, grouped: bool = False) -> Tensor:
+        """Joint counts ``[C_i, C_j, B, B]`` of one kept pair over every group (``grouped=True``:
+        ``[G, C_i, C_j, B, B]``, one per group)."""
         b = self.n_bins
         if (i, j) in self.pair_list:
-            return getattr(self, f"joint_{i}_{j}").view(self.sizes[i], b, self.sizes[j], b).permute(0, 2, 1, 3)
+            state = getattr(self, f"joint_{i}_{j}").view(self.groups, self.sizes[i], b, self.sizes[j], b).permute(0, 1, 3, 2, 4)
+            return state if grouped else state.sum(0)
         if (j, i) in self.pair_list:
-            return self.counts(j, i).permute(1, 0, 3, 2)
+            return self.counts(j, i, grouped).transpose(-4, -3).transpose(-2, -1)
         raise KeyError(f"no joint counts kept for nets ({i}, {j}); kept: {self.pair_list}")
 
     def compute(self) -> dict[Pair, Tensor]:
-        return {(i, j): self.counts(i, j).clone() for i, j in self.pair_list}
+        return {(i, j): self.counts(i, j).to(torch.float64) for i, j in self.pair_list}
+
+    def compute_groups(self) -> dict[Pair, Tensor]:
+        """Per pair the counts of every group, ``[G, C_i, C_j, B, B]``, summed across processes
+        (every process must call it, like `compute`)."""
+        with self.sync_context():
+            return {(i, j): self.counts(i, j, grouped=True).to(torch.float64) for i, j in self.pair_list}
 
     def state_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.metric_state.values() if isinstance(t, Tensor))
 
 
-def estimate_joint_bytes(sizes: Sequence[int], pairs: Iterable[Sequence[int]] | None = None, n_bins: int = 10) -> int:
-    """Bytes of the states of one `JointHistogram(sizes, edges, pairs)`, without allocating it."""
-    return 8 + sum(8 * n_bins * n_bins * sizes[i] * sizes[j] for i, j in resolve_pairs(len(sizes), pairs))
+def estimate_joint_bytes(
+    sizes: Sequence[int], pairs: Iterable[Sequence[int]] | None = None, n_bins: int = 10, groups: int = 1, state_bytes: int = 8
+) -> int:
+    """Bytes of the states of one `JointHistogram(sizes, edges, pairs, groups=groups)`, without allocating it."""
+    return groups * (8 + sum(state_bytes * n_bins * n_bins * sizes[i] * sizes[j] for i, j in resolve_pairs(len(sizes), pairs)))
+
+
+def count_dtype(max_count: int) -> torch.dtype:
+    """float32 states hold integer counts exactly below 2**24: half the memory of float64."""
+    return torch.float32 if max_count < FLOAT32_EXACT_ROWS else torch.float64
