@@ -1,0 +1,13 @@
+"""The built-in analyses and measures: importing this package registers them."""
+
+from convergent.analysis.builtin import (  # noqa: F401
+    correlation,
+    cross_layer,
+    hierarchical,
+    mean_activation,
+    mutual_info,
+    patches,
+    similarity,
+    sparse,
+    spectral,
+)
