@@ -1,105 +1,84 @@
-"""ConvergenceMonitor: the probe pass and the analyses at scheduled steps during training.
+"""ConvergenceMonitor: schedules analysis steps during training and hands them to the step service.
 
-Thin Lightning glue: *when* (step 0 before any update, the `analysis.schedule`, the end of fit),
-*what* (`convergent.probe` on every rank, `convergent.pipeline.analyze` on rank 0) and *where*
-(`convergent.sinks`). Each analysis step saves `checkpoints/analysis/step=<step>.ckpt` (and
-refreshes `checkpoints/last.ckpt`), so every logged point can be reproduced with
-`convergent-analyze` and a killed run resumes after its last analysis step: no step is logged twice.
+*When*: step 0 before any update, the `analysis.schedule`, the end of fit. *What*: the probe pass
+on every rank, the analyses and the writing on rank 0 (`convergent.monitor.service.StepService`).
+Each analysis step saves `checkpoints/analysis/step=<step>.ckpt` (and refreshes
+`checkpoints/last.ckpt`), so every logged point can be reproduced with `convergent-analyze` and a
+killed run resumes after its last analysis step: no step is logged twice. A SIGTERM during a step
+abandons it at the next check (within seconds); Lightning then saves `last.ckpt`, and the resumed
+run analyses that step first.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import shutil
-import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_info
 
+from convergent.analysis.config import AnalysisConfig
+from convergent.analysis.plan import Plan
 from convergent.callbacks.checkpointing import ends_epoch, save_checkpoint_atomic
 from convergent.callbacks.schedule import Schedule
-from convergent.config import ConfigError
-from convergent.pipeline import analyze
-from convergent.plotting import OVER_TRAINING, collecting_young_garbage, over_training_figure, step_figures
-from convergent.probe import ProbeOptions, ProbeRunner
-from convergent.settings import AnalysisSettings
-from convergent.sinks import RunSinks
-
-GIB = 1024**3
-PER_PAIR = re.compile(r"/m\d+-m\d+$")
-
-
-def probe_runner(settings: AnalysisSettings, widths: dict[str, int]) -> ProbeRunner:
-    options = ProbeOptions(
-        layers=settings.layers,
-        pairs=settings.pairs,
-        null_pairs=settings.baseline_pairs,
-        heavy_pairs=settings.plotted_pairs,
-        null=settings.null,
-        mutual_info=settings.on("mutual_info"),
-        top_k=settings.top_k if settings.on("patches") else 0,
-        pooled=settings.on("cross_layer"),
-        product_dtype=None if settings.products == "auto" else settings.product_dtype(),
-        max_units=settings.max_units,
-        mi_layers=settings.mi_layers,
-        mi_positions=settings.mi_positions,
-    )
-    return ProbeRunner(options, widths, settings.k)
-
-
-def check_memory(runner: ProbeRunner, settings: AnalysisSettings) -> dict[str, int]:
-    """Print the statistics' memory estimate; a clear error (before any training) if over the limit."""
-    est = runner.estimate_bytes()
-    parts = ", ".join(f"{k} {v / GIB:.3f}" for k, v in est.items() if k != "total" and v)
-    rank_zero_info(f"convergent: statistics will hold {est['total'] / GIB:.3f} GiB per process ({parts} GiB)")
-    if est["total"] > settings.memory_limit_gb * GIB:
-        raise ConfigError(
-            f"the statistics need {est['total'] / GIB:.2f} GiB ({parts} GiB), over analysis.memory_limit_gb="
-            f"{settings.memory_limit_gb}; set analysis.max_units, restrict analysis.pairs, set analysis.permutation_null=false "
-            "or drop mutual_info from analysis.analyses, or raise the limit"
-        )
-    return est
+from convergent.models import receptive_field
+from convergent.monitor.service import StepAbandoned, StepService
 
 
 class ConvergenceMonitor(pl.Callback):
-    def __init__(self, settings: AnalysisSettings, run_dir: str | Path, datamodule) -> None:
-        self.settings = settings
+    def __init__(self, config: AnalysisConfig, run_dir: str | Path, datamodule, k: int) -> None:
+        self.config = config
+        self.plan = Plan.build(config, k)
         self.run_dir = Path(run_dir)
         self.datamodule = datamodule
-        self.schedule = Schedule(settings.schedule_kind, settings.points_per_decade, settings.every)
+        s = config.schedule
+        self.schedule = Schedule(s.kind, s.points_per_decade, s.every)
         self.done: list[int] = []  # analysed global steps (restored on resume)
-        self.history: dict[str, list[tuple[int, float]]] = defaultdict(list)
-        self.failures: list[str] = []
-        self.timings: dict[str, float] = defaultdict(float)
-        self.runner: ProbeRunner | None = None
+        self.pending: int | None = None  # a step abandoned by a SIGTERM, analysed first after the resume
+        self.widths: dict[str, int] | None = None
+        self.service: StepService | None = None
+        self._restored: dict[str, Any] = {}
         self._at_end = False
-
-    @classmethod
-    def from_config(cls, cfg, run_dir, datamodule, k: int) -> ConvergenceMonitor:
-        from omegaconf import OmegaConf
-
-        raw = OmegaConf.to_container(cfg, resolve=True) if not isinstance(cfg, dict) else cfg
-        return cls(AnalysisSettings.from_config(raw, k), run_dir, datamodule)
 
     # --- checks before training --------------------------------------------------------------
     def prepare(self, ensemble) -> None:
-        """Checks that need the model and data: probe size, layer widths, memory."""
-        self.datamodule.probe_set(self.settings.probe_size)
+        """Checks that need the model and data: probe size, layer widths, memory (before training)."""
+        self.datamodule.probe_indices(self.config.probe_size, self.config.probe_seed)
         member = ensemble.members[0]
-        widths = {layer: member.layer_width(layer) for layer in self.settings.layers}
-        self.settings.check_model(widths)
-        self.runner = probe_runner(self.settings, widths)
-        check_memory(self.runner, self.settings)
+        self.widths = {layer: member.layer_width(layer) for layer in self.plan.layers}
+        self.plan.check_widths(self.widths)
+        StepService(self.plan, self.widths, self.run_dir, write=False).check_memory(rank_zero_info)
+
+    def _service(self, trainer: pl.Trainer, pl_module) -> StepService:
+        if self.service is None:
+            if self.widths is None:
+                self.prepare(pl_module)
+            rank0 = trainer.is_global_zero
+            member = pl_module.members[0]
+            fields = {layer: receptive_field(member, layer) for layer in self.plan.conv_layers}
+            probe_set = self.datamodule.probe_set(self.config.probe_size, self.config.probe_seed)
+            self.service = StepService(
+                self.plan,
+                self.widths,
+                self.run_dir,
+                trainer.loggers if rank0 else (),
+                background=self.config.background_writes,
+                probe_set=probe_set,
+                fields=fields,
+                write=rank0,
+            )
+            self.service.history.update({k: list(v) for k, v in self._restored.get("history", {}).items()})
+            self.service.failures.extend(self._restored.get("failures", []))
+        return self.service
 
     # --- Lightning hooks ---------------------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.runner is None:
-            self.prepare(pl_module)
-        if trainer.global_step == 0:
+        self._service(trainer, pl_module)
+        if self.pending is not None and self.pending == trainer.global_step:
+            self.analyse(trainer, pl_module)  # the step a SIGTERM cut short
+        elif trainer.global_step == 0:
             self.analyse(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -115,88 +94,98 @@ class ConvergenceMonitor(pl.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         self._at_end = True
         self.analyse(trainer, pl_module)
-        if trainer.is_global_zero and self.settings.figures != "none":
-            self.write_over_training(trainer)
-        trainer.convergent_failures = list(self.failures)
+        service = self._service(trainer, pl_module)
+        service.finish(int(trainer.global_step), figures=self.config.figures != "none")
+        if trainer.is_global_zero and service.writer is not None:
+            timings = {f"monitor/seconds/{k}": v for k, v in service.timings().items()}
+            service.writer.scalars(timings, int(trainer.global_step))
+            rank_zero_info("convergent: monitor time " + ", ".join(f"{k} {v:.1f}s" for k, v in service.timings().items()))
+        service.close()
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if self.service is not None:  # what was analysed before the exception is written out
+            self.service.flush()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"done": list(self.done), "history": {k: list(v) for k, v in self.history.items()}, "failures": list(self.failures)}
+        service = self.service
+        history = {k: list(v) for k, v in service.history.items()} if service else self._restored.get("history", {})
+        failures = list(service.failures) if service else self._restored.get("failures", [])
+        return {"done": list(self.done), "pending": self.pending, "history": history, "failures": failures}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.done = list(state.get("done", []))
-        self.history = defaultdict(list, {k: [tuple(p) for p in v] for k, v in state.get("history", {}).items()})
-        self.failures = list(state.get("failures", []))
+        self.pending = state.get("pending")
+        self._restored = {
+            "history": {k: [tuple(p) for p in v] for k, v in state.get("history", {}).items()},
+            "failures": list(state.get("failures", [])),
+        }
+
+    # --- results for the end-of-run summary -------------------------------------------------
+    @property
+    def failures(self) -> list[str]:
+        return list(self.service.failures) if self.service else list(self._restored.get("failures", []))
+
+    @property
+    def final_scalars(self) -> dict[str, float]:
+        """The scalars of the last analysis step (equal to the last values logged)."""
+        return dict(self.service.last_scalars) if self.service else {}
 
     # --- one analysis step -------------------------------------------------------------------
     def analyse(self, trainer: pl.Trainer, pl_module) -> None:
         step = int(trainer.global_step)
         if step in self.done or trainer.sanity_checking:
             return
-        t0 = time.perf_counter()
-        loader = self.datamodule.probe_dataloader(
-            self.settings.probe_size, self.settings.batch_size, rank=trainer.global_rank, world_size=trainer.world_size
-        )
-        full = self._full_step(trainer, step)
-        probe = self.runner.run(list(pl_module.members), loader, pl_module.device, full=full)
-        self.timings["probe"] += time.perf_counter() - t0
-        self.done.append(step)
-        if trainer.is_global_zero:
-            self.write_step(trainer, probe, step, full)
-        self.save_checkpoints(trainer, step)
-        self.timings["total"] += time.perf_counter() - t0
+        service = self._service(trainer, pl_module)
+        c = self.config
 
-    def write_step(self, trainer, probe, step: int, full: bool) -> None:
-        sinks = RunSinks(self.run_dir, trainer.loggers)
-        t = time.perf_counter()
-        report = analyze(probe, self.settings, step, timings=self.timings, full=full)
-        t_fig = time.perf_counter()
-        report.scalars["monitor/analysis_seconds"] = t_fig - t
-        if self._figures_due(step, full):
-            probe_set = self.datamodule.probe_set(self.settings.probe_size)
-            with collecting_young_garbage():
-                for key, fig in step_figures(report, self.settings, list(trainer.lightning_module.members), probe_set):
-                    sinks.figure(key, fig, step)
-        self.timings["figures"] += time.perf_counter() - t_fig
-        for key, (columns, rows) in report.tables.items():
-            sinks.table(key, columns, rows, step)
-        sinks.arrays(report.arrays, step)
-        for failure in report.failures:
-            rank_zero_info(f"convergent: {failure}")
-        self.failures.extend(report.failures)
-        sinks.scalars(report.scalars, step)
-        for key, value in report.scalars.items():
-            if not PER_PAIR.search(key):  # history keeps the pair averages and nulls
-                self.history[key].append((step, value))
-        self.timings["write"] += time.perf_counter() - t
+        def loader():
+            return self.datamodule.probe_dataloader(
+                c.probe_size, c.batch_size, rank=trainer.global_rank, world_size=trainer.world_size, seed=c.probe_seed
+            )
+
+        # A SIGTERM (Lightning sets received_sigterm) abandons the step at the next check. Under
+        # DDP the probe pass is collective, so only rank 0's analyses check.
+        def stop() -> bool:
+            return bool(getattr(trainer, "received_sigterm", False))
+
+        full = self._full_step(step)
+        members = list(pl_module.members)
+        abandoned = False
+        try:
+            probe = service.probe(members, loader(), pl_module.device, full, stop=stop if trainer.world_size == 1 else None)
+            if trainer.is_global_zero:
+                report = service.analyse_and_write(
+                    probe, step, full, figures=self._figures_due(step, full), stop=stop, members=members, batches=loader
+                )
+                for failure in report.failures:
+                    rank_zero_info(f"convergent: {failure}")
+        except StepAbandoned as e:
+            abandoned = True
+            self.pending = step
+            rank_zero_info(f"convergent: analysis step {step} abandoned ({e}); it runs again after the resume")
+        if not abandoned:
+            self.done.append(step)
+            self.pending = None
+        if not (abandoned and trainer.world_size == 1):
+            self.save_checkpoints(trainer, step)
 
     def _figures_due(self, step: int, full: bool) -> bool:
-        if self.settings.figures == "full":
+        if self.config.figures == "full":
             return full
-        return self.settings.figures == "ends" and (step == 0 or self._at_end)
+        return self.config.figures == "ends" and (step == 0 or self._at_end)
 
-    def _full_step(self, trainer, step: int) -> bool:
+    def _full_step(self, step: int) -> bool:
         """Step 0, every `full_every`-th analysis step, and the end of fit run every analysis."""
-        return step == 0 or self._at_end or len(self.done) % self.settings.full_every == 0
+        return step == 0 or self._at_end or len(self.done) % self.config.full_every == 0
 
     def save_checkpoints(self, trainer, step: int) -> None:
         """The checkpoint of this analysis step, also as last.ckpt (resume after this step)."""
         ckpt_dir = self.run_dir / "checkpoints"
         save_checkpoint_atomic(trainer, ckpt_dir / "last.ckpt")
-        if self.settings.save_checkpoints and trainer.is_global_zero:
+        if self.config.save_checkpoints and trainer.is_global_zero:
             # a copy (not a link: last.ckpt may later be rewritten in place), renamed atomically
             kept = ckpt_dir / "analysis" / f"step={step}.ckpt"
             kept.parent.mkdir(parents=True, exist_ok=True)
             tmp = kept.with_name(f".tmp-{kept.name}")
             shutil.copyfile(ckpt_dir / "last.ckpt", tmp)
             os.replace(tmp, kept)
-
-    def write_over_training(self, trainer) -> None:
-        sinks = RunSinks(self.run_dir, trainer.loggers)
-        with collecting_young_garbage():
-            for family, name in OVER_TRAINING:
-                fig = over_training_figure(self.history, family, name, self.settings.layers)
-                if fig is not None:
-                    sinks.figure(f"over_training/{family}_{name}", fig, int(trainer.global_step))
-        timings = {f"monitor/seconds/{k}": v for k, v in self.timings.items()}
-        sinks.scalars(timings, int(trainer.global_step))
-        rank_zero_info("convergent: monitor time " + ", ".join(f"{k} {v:.1f}s" for k, v in self.timings.items()))

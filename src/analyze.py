@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from convergent.config import ConfigError
+from convergent.errors import ConfigError
 
 
 
@@ -63,15 +63,15 @@ def load_members(checkpoints: list[Path]) -> tuple[list[torch.nn.Module], int]:
 def analyze_checkpoints(
     checkpoints: list[Path], overrides: list[str], out_dir: Path | None = None, loggers=(), device: str | None = None
 ) -> dict:
-    """Run every configured analysis on the checkpoints' members; write the same files the live
-    monitor writes under `out_dir`. Returns {"step", "scalars", "out_dir", "report"}."""
+    """Run every configured analysis on the checkpoints' members (as at a full step) through the
+    same step service as the live monitor; write the same files under `out_dir`. Returns
+    {"step", "scalars", "out_dir", "report"}."""
     from hydra.utils import instantiate
 
-    from convergent.callbacks.monitor import probe_runner
-    from convergent.pipeline import analyze
-    from convergent.plotting import step_figures
-    from convergent.settings import AnalysisSettings
-    from convergent.sinks import RunSinks
+    from convergent.analysis.plan import Plan
+    from convergent.config import typed
+    from convergent.models import receptive_field
+    from convergent.monitor.service import StepService
 
     saved = find_run_config(checkpoints[0])
     cfg = OmegaConf.load(saved) if saved else default_config()
@@ -80,34 +80,41 @@ def analyze_checkpoints(
     except Exception as e:  # a malformed key=value
         raise ConfigError(f"could not apply overrides {overrides}: {e}") from None
     members, step = load_members(checkpoints)
-    settings = AnalysisSettings.from_config(OmegaConf.to_container(cfg.analysis, resolve=True), k=len(members))
+    conf = typed(OmegaConf.create({"analysis": cfg.analysis, "data": cfg.data}))
+    analysis = OmegaConf.to_object(conf.analysis)
+    plan = Plan.build(analysis, k=len(members))
     datamodule = instantiate(cfg.data)
     datamodule.setup()
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     members = [m.to(dev) for m in members]
-    widths = {layer: members[0].layer_width(layer) for layer in settings.layers}
-    settings.check_model(widths)
-    runner = probe_runner(settings, widths)
-    loader = datamodule.probe_dataloader(settings.probe_size, settings.batch_size)
-    probe = runner.run(members, loader, dev, full=True)
-    report = analyze(probe, settings, step, full=True)
+    widths = {layer: members[0].layer_width(layer) for layer in plan.layers}
+    plan.check_widths(widths)
     if out_dir is None:
         base = saved.parent.parent if saved else Path.cwd()
         out_dir = base / "posthoc" / f"step={step}"
-    sinks = RunSinks(out_dir, loggers)
-    if settings.figures != "none":
-        probe_set = datamodule.probe_set(settings.probe_size)
-        for key, fig in step_figures(report, settings, [m.cpu() for m in members], probe_set):
-            sinks.figure(key, fig, step)
-    for key, (columns, rows) in report.tables.items():
-        sinks.table(key, columns, rows, step)
-    sinks.arrays(report.arrays, step)
-    if loggers:
-        sinks.scalars(report.scalars, step)
+    figures = analysis.figures != "none"
+    service = StepService(
+        plan,
+        widths,
+        out_dir,
+        loggers,
+        background=False,
+        probe_set=datamodule.probe_set(analysis.probe_size, analysis.probe_seed) if figures else None,
+        fields={layer: receptive_field(members[0], layer) for layer in plan.conv_layers},
+    )
+    service.check_memory()
+
+    def loader():
+        return datamodule.probe_dataloader(analysis.probe_size, analysis.batch_size, seed=analysis.probe_seed)
+
+    probe = service.probe(members, loader(), dev, full=True)
+    report = service.analyse_and_write(probe, step, True, figures=figures, members=members, batches=loader)
+    service.close()
+    report.failures.extend(f for f in service.writer.failures if f not in report.failures)
     with open(Path(out_dir) / "scalars.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["step", "key", "value"])
-        writer.writerows([step, key, value] for key, value in sorted(report.scalars.items()))
+        writer.writerows([step, key, value] for key, value in sorted(report.scalars.items()) if key != "monitor/analysis_seconds")
     return {"step": step, "scalars": report.scalars, "out_dir": Path(out_dir), "report": report}
 
 

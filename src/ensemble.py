@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from convergent.errors import ConfigError
 from convergent.models import build_model
 from convergent.vectorized import StackedMembers
 
@@ -34,9 +35,9 @@ def member_seeds(seed: int, k: int, seeds: Sequence[int] | None = None) -> list[
     """Explicit seeds, or K seeds derived from the run's seed (seed*1000 + i)."""
     if seeds:
         if len(seeds) != k:
-            raise ValueError(f"ensemble.seeds has {len(seeds)} entries but ensemble.k={k}; give one seed per member")
+            raise ConfigError(f"ensemble.seeds has {len(seeds)} entries but ensemble.k={k}; give one seed per member")
         if len(set(seeds)) != len(seeds):
-            raise ValueError(f"ensemble.seeds must differ between members, got {list(seeds)}")
+            raise ConfigError(f"ensemble.seeds must differ between members, got {list(seeds)}")
         return [int(s) for s in seeds]
     return [int(seed) * 1000 + i for i in range(k)]
 
@@ -148,6 +149,7 @@ class Ensemble(pl.LightningModule):
         schedule = cfg.pop("schedule", "none")
         step_size = cfg.pop("step_size", 30)
         gamma = cfg.pop("gamma", 0.1)
+        cfg = {k: v for k, v in cfg.items() if v is not None}  # momentum: null for adam
         if name == "sgd":
             opt = torch.optim.SGD(self.parameters(), **cfg)
         elif name == "adam":

@@ -12,7 +12,7 @@ import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from convergent.config import ConfigError
+from convergent.errors import ConfigError
 
 RUN_FILE = "run.json"
 LAST_CHECKPOINT = "checkpoints/last.ckpt"
@@ -59,8 +59,26 @@ def resume_argv(argv: list[str]) -> list[str]:
     return ["--config-dir", str(saved.parent), "--config-name", "config", f"hydra.run.dir={run_dir}", *rest]
 
 
-def summarize(trainer, ensemble, run_dir: Path, elapsed: float) -> dict:
-    """End-of-run summary: printed, and written to run_dir/summary.json."""
+# The headline alignment of the end-of-run summary: per layer, these measures with their calibration.
+SUMMARY_MEASURES = ("align/{layer}/semi_match", "align/{layer}/max_match", "cka/{layer}/linear")
+SUMMARY_SUFFIXES = ("", "/ci_lo", "/ci_hi", "/null", "/null_p95", "/above_null")
+
+
+def alignment_summary(scalars: dict[str, float], layers) -> dict[str, float]:
+    """The final semi-match, max-match and linear CKA of every layer, their interval, null and score
+    above chance, keyed by their metric keys (the values of the last analysis step)."""
+    out = {}
+    for layer in layers:
+        for pattern in SUMMARY_MEASURES:
+            for suffix in SUMMARY_SUFFIXES:
+                key = pattern.format(layer=layer) + suffix
+                if key in scalars:
+                    out[key] = float(scalars[key])
+    return out
+
+
+def summarize(trainer, ensemble, run_dir: Path, elapsed: float, monitor=None) -> dict:
+    """End-of-run summary: printed, written to run_dir/summary.json and to the W&B run's summary."""
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if getattr(v, "numel", lambda: 1)() == 1}
     summary = {
         "run_dir": str(run_dir),
@@ -70,30 +88,58 @@ def summarize(trainer, ensemble, run_dir: Path, elapsed: float) -> dict:
         "val/acc": metrics.get("val/acc"),
         "val/loss": metrics.get("val/loss"),
         "member_val_acc": [metrics.get(f"member{i}/val/acc") for i in range(ensemble.k)],
+        "alignment": {},
     }
-    headline = {k: v for k, v in metrics.items() if k.startswith(("align/", "cka/")) and "/m" not in k.split("/")[-1]}
-    summary["alignment"] = dict(sorted(headline.items()))
-    failures = getattr(trainer, "convergent_failures", None)
-    if failures:
-        summary["failed_analyses"] = failures
+    if monitor is not None:
+        summary["alignment"] = alignment_summary(monitor.final_scalars, monitor.plan.layers)
+        summary["alignment_layers"] = list(monitor.plan.layers)
+        if monitor.failures:
+            summary["failed_analyses"] = list(monitor.failures)
     if trainer.is_global_zero:
         (Path(run_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
+        _wandb_summary(trainer, summary["alignment"])
         print_summary(summary)
     return summary
+
+
+def _wandb_summary(trainer, alignment: dict[str, float]) -> None:
+    for logger in trainer.loggers:
+        run = getattr(logger, "experiment", None) if type(logger).__name__ == "WandbLogger" else None
+        if run is not None and hasattr(run, "summary"):
+            run.summary.update(alignment)
 
 
 def print_summary(summary: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"convergent: {summary['run_dir']}", show_header=False)
     fmt = lambda v: "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))  # noqa: E731
+    table = Table(title=f"convergent: {summary['run_dir']}", show_header=False)
     table.add_row("wall time", f"{summary['wall_time_s']} s")
     table.add_row("steps / epochs", f"{summary['global_step']} / {summary['epochs']}")
     table.add_row("val/acc (mean)", fmt(summary["val/acc"]))
     table.add_row("val/acc per member", ", ".join(fmt(a) for a in summary["member_val_acc"]))
-    for key, value in list(summary["alignment"].items())[:12]:
-        table.add_row(key, fmt(value))
     for failure in summary.get("failed_analyses", []):
         table.add_row("[red]failed analysis", failure)
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    alignment = summary.get("alignment") or {}
+    if alignment:
+        grid = Table(title="alignment at the last step: value [95 % interval] / null / above null")
+        grid.add_column("layer")
+        for pattern in SUMMARY_MEASURES:
+            grid.add_column(pattern.split("/")[0] + " " + pattern.split("/")[-1])
+        for layer in summary.get("alignment_layers", []):
+            cells = []
+            for pattern in SUMMARY_MEASURES:
+                key = pattern.format(layer=layer)
+                if key not in alignment:
+                    cells.append("-")
+                    continue
+                lo, hi = alignment.get(f"{key}/ci_lo"), alignment.get(f"{key}/ci_hi")
+                cell = f"{alignment[key]:.3f}" + (f" [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else "")
+                if f"{key}/null" in alignment:
+                    cell += f" / {alignment[f'{key}/null']:.3f} / {fmt(alignment.get(f'{key}/above_null'))}"
+                cells.append(cell)
+            grid.add_row(layer, *cells)
+        console.print(grid)

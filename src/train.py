@@ -14,8 +14,9 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
+from typing import Any
 
 import hydra
 import pytorch_lightning as pl
@@ -26,9 +27,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from convergent.config import ConfigError, validate
+from convergent.config import TrainConfig, migrate_argv, trainer_arguments, validate
 from convergent.distributed import configure_strategy
 from convergent.ensemble import Ensemble
+from convergent.errors import ConfigError
 from convergent.loggers import build_loggers
 from convergent.runinfo import RunInfo, resume_argv, summarize
 
@@ -40,10 +42,12 @@ class Job:
     """Everything built from the config before training starts."""
 
     cfg: DictConfig
+    conf: TrainConfig  # the typed, checked config
     run_dir: Path
     datamodule: pl.LightningDataModule
     ensemble: Ensemble
     callbacks: list[pl.Callback]
+    monitor: Any = None  # the ConvergenceMonitor, when on
 
 
 def run_dir_of(cfg: DictConfig) -> Path:
@@ -55,41 +59,37 @@ def prepare(cfg: DictConfig, run_dir: Path) -> Job:
     Raises ConfigError (one line naming the problem and the fix); writes nothing."""
     from convergent.callbacks import ConvergenceMonitor, LastCheckpoint
 
-    validate(cfg)
-    if cfg.ckpt_path and not Path(cfg.ckpt_path).exists():
-        raise ConfigError(f"ckpt_path={cfg.ckpt_path} does not exist; pass a checkpoint written by convergent-train")
-    if cfg.torch_threads:
-        torch.set_num_threads(int(cfg.torch_threads))
-    pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    try:
-        datamodule = instantiate(cfg.data)
-        datamodule.setup()
-        model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-        in_channels = model_cfg.pop("in_channels", None) or datamodule.in_channels
-        ensemble = Ensemble(
-            model=model_cfg,
-            num_classes=datamodule.num_classes,
-            in_channels=in_channels,
-            input_size=datamodule.input_size,
-            k=int(cfg.ensemble.k),
-            seeds=list(cfg.ensemble.seeds) if cfg.ensemble.seeds else None,
-            seed=int(cfg.seed),
-            data_order=cfg.ensemble.data_order,
-            optim=OmegaConf.to_container(cfg.optim, resolve=True),
-            clip_grad_norm=cfg.ensemble.clip_grad_norm,
-            vectorize=bool(cfg.ensemble.vectorize),
-        )
-        datamodule.set_order(cfg.ensemble.data_order, ensemble.seeds)
-        callbacks: list[pl.Callback] = [LastCheckpoint(run_dir, cfg.callbacks.checkpoint.every_n_epochs)]
-        if cfg.callbacks.monitor:
-            monitor = ConvergenceMonitor.from_config(cfg.analysis, run_dir=run_dir, datamodule=datamodule, k=ensemble.k)
-            monitor.prepare(ensemble)  # probe size, layer widths and the statistics' memory
-            callbacks.append(monitor)
-    except ConfigError:
-        raise
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        raise ConfigError(str(e).splitlines()[0]) from e
-    return Job(cfg, run_dir, datamodule, ensemble, callbacks)
+    conf = validate(cfg)
+    if conf.ckpt_path and not Path(conf.ckpt_path).exists():
+        raise ConfigError(f"ckpt_path={conf.ckpt_path} does not exist; pass a checkpoint written by convergent-train")
+    if conf.torch_threads:
+        torch.set_num_threads(int(conf.torch_threads))
+    pl.seed_everything(int(conf.seed), workers=True, verbose=False)
+    datamodule = instantiate(OmegaConf.create(asdict(conf.data)) if is_dataclass(conf.data) else conf.data)
+    datamodule.setup()
+    model_cfg = asdict(conf.model)
+    in_channels = model_cfg.pop("in_channels", None) or datamodule.in_channels
+    ensemble = Ensemble(
+        model=model_cfg,
+        num_classes=datamodule.num_classes,
+        in_channels=in_channels,
+        input_size=datamodule.input_size,
+        k=int(conf.ensemble.k),
+        seeds=list(conf.ensemble.seeds) if conf.ensemble.seeds else None,
+        seed=int(conf.seed),
+        data_order=conf.ensemble.data_order,
+        optim=asdict(conf.optim),
+        clip_grad_norm=conf.ensemble.clip_grad_norm,
+        vectorize=bool(conf.ensemble.vectorize),
+    )
+    datamodule.set_order(conf.ensemble.data_order, ensemble.seeds)
+    callbacks: list[pl.Callback] = [LastCheckpoint(run_dir, conf.callbacks.checkpoint.every_n_epochs)]
+    monitor = None
+    if conf.callbacks.monitor:
+        monitor = ConvergenceMonitor(conf.analysis, run_dir=run_dir, datamodule=datamodule, k=ensemble.k)
+        monitor.prepare(ensemble)  # probe size, layer widths and the statistics' memory
+        callbacks.append(monitor)
+    return Job(cfg, conf, run_dir, datamodule, ensemble, callbacks, monitor)
 
 
 def train(cfg: DictConfig) -> dict:
@@ -99,22 +99,22 @@ def train(cfg: DictConfig) -> dict:
     job = prepare(cfg, run_dir)
 
     info = RunInfo.load_or_create(run_dir)
-    ckpt_path = cfg.ckpt_path or info.last_checkpoint()
+    ckpt_path = job.conf.ckpt_path or info.last_checkpoint()
     resume_step = checkpoint_step(ckpt_path) if ckpt_path else -1
     group = None
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         group = Path(HydraConfig.get().sweep.dir).name
     loggers = build_loggers(
-        OmegaConf.to_container(cfg.logger, resolve=True),
+        asdict(job.conf.logger),
         run_dir,
         OmegaConf.to_container(cfg, resolve=True),
         group,
-        cfg.run_name,
+        job.conf.run_name,
         run_id=info.wandb_id,
         resume_step=resume_step,
     )
     launch_env = {key: os.environ.get(key) for key in DDP_ENV}
-    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_cfg = trainer_arguments(cfg)
     trainer_cfg["strategy"] = configure_strategy(trainer_cfg.get("strategy", "auto"), trainer_cfg)
     trainer = pl.Trainer(
         **trainer_cfg,
@@ -134,9 +134,10 @@ def train(cfg: DictConfig) -> dict:
                 file=sys.stderr,
             )
         return {"preempted_at": int(trainer.global_step), "run_dir": str(run_dir)}
+    else:  # before W&B is closed: the summary goes to the W&B run's summary too
+        return summarize(trainer, job.ensemble, run_dir, time.time() - start, job.monitor)
     finally:
         finish_run(launch_env)
-    return summarize(trainer, job.ensemble, run_dir, time.time() - start)
 
 
 def checkpoint_step(path: str) -> int:
@@ -191,7 +192,7 @@ def main() -> None:
     """Console entry point: `resume=<run dir>` is rewritten into a Hydra call on the run's saved
     config before Hydra starts (so the run continues in its own directory)."""
     try:
-        sys.argv = [sys.argv[0], *resume_argv(sys.argv[1:])]
+        sys.argv = [sys.argv[0], *resume_argv(migrate_argv(sys.argv[1:]))]
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -1,7 +1,7 @@
 """The common shape of every data set: train/val splits, the training order, and the probe set.
 
-The probe set is defined here and nowhere else: the first `probe_size` images of the validation
-split, in order, with the validation transform. Every analysis (live or post hoc) uses it.
+The probe set is defined here and nowhere else: `probe_size` validation images drawn with a fixed
+seed, in random order, with the validation transform. Every analysis (live or post hoc) uses it.
 """
 
 from __future__ import annotations
@@ -9,8 +9,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import pytorch_lightning as pl
+import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from convergent.errors import ConfigError
 from convergent.data.samplers import MemberTuples, SeededOrderSampler
 
 DATA_ORDERS = ("shared", "independent")
@@ -46,7 +48,7 @@ class ClassificationData(pl.LightningDataModule):
     def set_order(self, data_order: str, seeds: Sequence[int]) -> None:
         """`shared`: one shuffle (seeds[0]) for all members; `independent`: one per member."""
         if data_order not in DATA_ORDERS:
-            raise ValueError(f"ensemble.data_order must be one of {DATA_ORDERS}, got {data_order!r}")
+            raise ConfigError(f"ensemble.data_order must be one of {DATA_ORDERS}, got {data_order!r}")
         self.data_order = data_order
         self.order_seeds = [int(s) for s in seeds] if data_order == "independent" else [int(seeds[0])]
 
@@ -71,24 +73,52 @@ class ClassificationData(pl.LightningDataModule):
         return self._loader(self.val_set, self.val_batch_size)
 
     # --- the probe set -----------------------------------------------------------------------
-    def probe_set(self, probe_size: int) -> Subset:
-        """The first `probe_size` validation images, in order, validation transform."""
+    def probe_indices(self, probe_size: int, seed: int = 0) -> list[int]:
+        """The probe set: `probe_size` validation images drawn at random (a fixed seed), in a random
+        order, so that neither the labels nor the data set's order (an ImageFolder sorted by class,
+        a split interleaving classes) can bias a statistic; the same images in every run."""
         self.setup()
         n_val = len(self.val_set)
         if probe_size < 1 or probe_size > n_val:
-            raise ValueError(
+            raise ConfigError(
                 f"analysis.probe_size={probe_size} but the validation split has {n_val} images; "
                 f"use a probe size between 1 and {n_val}"
             )
-        return Subset(self.val_set, range(int(probe_size)))
+        g = torch.Generator().manual_seed(PROBE_SEED_BASE + int(seed))
+        return torch.randperm(n_val, generator=g)[: int(probe_size)].tolist()
 
-    def probe_dataloader(self, probe_size: int, batch_size: int, rank: int = 0, world_size: int = 1) -> DataLoader:
-        """Probe batches of this process: a contiguous shard in DDP, in order, no shuffling."""
-        probe = self.probe_set(probe_size)
-        lo = probe_size * rank // world_size
-        hi = probe_size * (rank + 1) // world_size
-        shard = Subset(probe.dataset, range(lo, hi))
-        return DataLoader(IndexedDataset(shard, offset=lo), batch_size=batch_size, shuffle=False, num_workers=0)
+    def probe_set(self, probe_size: int, seed: int = 0) -> Subset:
+        """The probe images (validation transform); probe image i is ``probe_set(...)[i]``."""
+        return Subset(self.val_set, self.probe_indices(probe_size, seed))
+
+    def probe_dataloader(self, probe_size: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0) -> DataLoader:
+        """This process's probe batches: whole batches of consecutive probe images (the same batches
+        whatever the number of processes, so the null's re-pairings are too), a contiguous run of
+        them per rank; each item is (image, label, probe index)."""
+        probe = self.probe_set(probe_size, seed)
+        bounds = probe_batch_bounds(len(probe), batch_size)
+        lo, hi = len(bounds) * rank // world_size, len(bounds) * (rank + 1) // world_size
+        batches = [list(range(a, b)) for a, b in bounds[lo:hi]]
+        return DataLoader(IndexedDataset(probe), batch_sampler=batches, num_workers=0)
+
+
+# A constant added to analysis.probe_seed, so the probe sample does not share its stream with other
+# seeded draws that use small seeds.
+PROBE_SEED_BASE = 20_151_107
+
+
+def probe_batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """[lo, hi) of the probe batches: `batch_size` images each, the last one possibly smaller but
+    never under 4 images (the null re-pairs images within a batch's even and odd images), unless the
+    probe set itself is that small."""
+    bounds = [(lo, min(n, lo + batch_size)) for lo in range(0, n, batch_size)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < MIN_BATCH:
+        last = bounds.pop()
+        bounds[-1] = (bounds[-1][0], last[1])
+    return bounds
+
+
+MIN_BATCH = 4
 
 
 class IndexedDataset(Dataset):

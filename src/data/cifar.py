@@ -6,6 +6,7 @@ import os
 
 from torchvision import datasets, transforms
 
+from convergent.errors import ConfigError
 from convergent.data.base import ClassificationData
 
 STATS = {
@@ -23,7 +24,7 @@ class CIFAR(ClassificationData):
     def __init__(self, name: str = "cifar10", root: str = "~/.cache/convergent", download: bool = True, augment: bool = True, **loader) -> None:
         super().__init__(**loader)
         if name not in STATS:
-            raise ValueError(f"unknown CIFAR variant {name!r}; use cifar10 or cifar100")
+            raise ConfigError(f"unknown CIFAR variant {name!r}; use cifar10 or cifar100")
         self.name = name
         self.root = os.path.expanduser(str(root))
         self.download = bool(download)
@@ -39,7 +40,7 @@ class CIFAR(ClassificationData):
             self.train_set = cls(self.root, train=True, download=self.download, transform=transforms.Compose(train_tf + normalise))
             self.val_set = cls(self.root, train=False, download=self.download, transform=transforms.Compose(normalise))
         except Exception as e:  # offline, or a corrupt archive
-            raise RuntimeError(
+            raise ConfigError(
                 f"{self.name} not found in {self.root} and it could not be downloaded ({type(e).__name__}); "
                 f"put {ARCHIVES[self.name]} or the extracted {FOLDERS[self.name]}/ folder in {self.root} "
                 "(or set data.root)"

@@ -10,6 +10,7 @@ import os
 
 from torchvision import datasets, transforms
 
+from convergent.errors import ConfigError
 from convergent.data.base import ClassificationData
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -28,7 +29,7 @@ class ImageFolderData(ClassificationData):
     def check(self) -> None:
         missing = [s for s in ("train", "val") if not os.path.isdir(os.path.join(self.root, s))]
         if not self.root or missing:
-            raise FileNotFoundError(
+            raise ConfigError(
                 f"data.root={self.root or '(unset)'} has no {' or '.join(missing or ['train', 'val'])}/ folder; "
                 "point data.root at a folder with train/<class>/ and val/<class>/ image folders"
             )
@@ -43,5 +44,5 @@ class ImageFolderData(ClassificationData):
         self.train_set = datasets.ImageFolder(os.path.join(self.root, "train"), transform=train_tf)
         self.val_set = datasets.ImageFolder(os.path.join(self.root, "val"), transform=val_tf)
         if self.train_set.classes != self.val_set.classes:
-            raise ValueError(f"train/ and val/ under {self.root} have different class folders; they must match")
+            raise ConfigError(f"train/ and val/ under {self.root} have different class folders; they must match")
         self.num_classes = len(self.train_set.classes)

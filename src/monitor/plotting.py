@@ -1,4 +1,5 @@
-"""Figures drawn from a `StepReport` (and the run's history). Data in, matplotlib figures out.
+"""Figures drawn from a `StepReport`'s typed results (and the run's history). Data in, matplotlib
+figures out.
 
 Correlation heatmaps use a diverging colour map fixed to [-1, 1]. Every figure is closed by the
 caller after it is written (`sinks`), so long runs and multiruns do not accumulate figures.
@@ -8,7 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import gc
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import matplotlib
 
@@ -18,8 +20,9 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import LogFormatter  # noqa: E402
 
-from convergent.pipeline import StepReport, l1_label, pair_suffix  # noqa: E402
-from convergent.settings import AnalysisSettings  # noqa: E402
+from convergent.analysis.builtin.sparse import l1_label  # noqa: E402
+from convergent.analysis.registry import pair_suffix  # noqa: E402
+from convergent.monitor.step import StepReport  # noqa: E402
 
 CORR_CMAP = "RdBu_r"
 
@@ -80,29 +83,34 @@ def _grid(n: int, size: float = 2.6) -> tuple[Figure, np.ndarray]:
     return fig, axes.flat
 
 
+def _results(report: StepReport, name: str, layers: Sequence[str]) -> list[tuple[str, Any]]:
+    """(layer, result) of analysis `name` for the layers it ran on, in layer order."""
+    per_layer = report.results.get(name, {})
+    return [(layer, per_layer[layer]) for layer in layers if layer in per_layer]
+
+
 def correlation_figure(report: StepReport, layers: Sequence[str], a: int, b: int) -> Figure | None:
     """One row per layer: within-net a, within-net b, between-net in original order, between-net
     permuted by the max matching (matched pairs on the diagonal)."""
     from convergent.analysis.matching import permute_to_matching
 
-    tag = pair_suffix(a, b)
-    present = [l for l in layers if f"{l}/corr/{tag}" in report.arrays]
+    present = [(l, r) for l, r in _results(report, "correlation", layers) if (a, b) in r.corr]
     if not present:
         return None
     fig, axes = plt.subplots(len(present), 4, figsize=(8.4, 2.2 * len(present)), squeeze=False)
-    for row, layer in zip(axes, present):
-        corr = report.arrays[f"{layer}/corr/{tag}"]
+    for row, (layer, r) in zip(axes, present):
+        corr = r.corr[(a, b)].cpu().numpy()
         panels = [
-            (report.arrays.get(f"{layer}/within/m{a}"), f"{layer} within m{a}"),
-            (report.arrays.get(f"{layer}/within/m{b}"), f"{layer} within m{b}"),
+            (r.within.get(a), f"{layer} within m{a}"),
+            (r.within.get(b), f"{layer} within m{b}"),
             (corr, f"{layer} m{a} x m{b}"),
-            (permute_to_matching(corr, report.arrays[f"{layer}/max_index/{tag}"]), f"{layer} max-matched"),
+            (permute_to_matching(corr, r.best[(a, b)][0].cpu().numpy()), f"{layer} max-matched"),
         ]
         for ax, (m, title) in zip(row, panels):
             if m is None:
                 ax.axis("off")
             else:
-                _heatmap(ax, m, title)
+                _heatmap(ax, np.asarray(m.cpu() if hasattr(m, "cpu") else m), title)
     fig.suptitle(f"correlation (colour scale -1..1), step {report.step}", fontsize=8)
     _tidy(fig)
     return fig
@@ -110,15 +118,14 @@ def correlation_figure(report: StepReport, layers: Sequence[str], a: int, b: int
 
 def matching_figure(report: StepReport, layers: Sequence[str], a: int, b: int) -> Figure | None:
     """Per layer: matched correlations sorted, semi-matching vs max matching."""
-    tag = pair_suffix(a, b)
-    present = [l for l in layers if f"{l}/semi_value/{tag}" in report.arrays]
+    present = [(l, r) for l, r in _results(report, "correlation", layers) if (a, b) in r.semi]
     if not present:
         return None
     fig, axes = _grid(len(present))
-    for ax, layer in zip(axes, present):
-        semi = np.sort(report.arrays[f"{layer}/semi_value/{tag}"])[::-1]
-        idx = report.arrays[f"{layer}/max_index/{tag}"]
-        best = np.sort(report.arrays[f"{layer}/max_value/{tag}"][idx >= 0])[::-1]
+    for ax, (layer, r) in zip(axes, present):
+        semi = np.sort(r.semi[(a, b)][1].cpu().numpy())[::-1]
+        idx, value = (t.cpu().numpy() for t in r.best[(a, b)])
+        best = np.sort(value[idx >= 0])[::-1]
         ax.plot(semi, label="semi-matching")
         ax.plot(best, label="max matching")
         ax.set_ylim(-0.05, 1.0)
@@ -134,19 +141,21 @@ def matching_figure(report: StepReport, layers: Sequence[str], a: int, b: int) -
 def spectral_figure(report: StepReport, layers: Sequence[str], a: int, b: int) -> Figure | None:
     """Per layer: the combined [[C_aa, C_ab], [C_ba, C_bb]] matrix permuted by spectral cluster,
     cluster blocks outlined."""
-    tag = pair_suffix(a, b)
-    present = [l for l in layers if f"{l}/spectral_order/{tag}" in report.arrays and f"{l}/within/m{a}" in report.arrays]
+    corr = report.results.get("correlation", {})
+    present = [
+        (l, r, corr[l])
+        for l, r in _results(report, "spectral", layers)
+        if (a, b) in r.order and l in corr and a in corr[l].within and b in corr[l].within
+    ]
     if not present:
         return None
     fig, axes = _grid(len(present))
-    for ax, layer in zip(axes, present):
-        corr = report.arrays[f"{layer}/corr/{tag}"]
-        combined = np.block(
-            [[report.arrays[f"{layer}/within/m{a}"], corr], [corr.T, report.arrays[f"{layer}/within/m{b}"]]]
-        )
-        order = report.arrays[f"{layer}/spectral_order/{tag}"]
+    for ax, (layer, r, c) in zip(axes, present):
+        cab = c.corr[(a, b)].cpu().numpy()
+        combined = np.block([[c.within[a].cpu().numpy(), cab], [cab.T, c.within[b].cpu().numpy()]])
+        order = r.order[(a, b)]
         _heatmap(ax, combined[np.ix_(order, order)], layer)
-        for edge in report.arrays[f"{layer}/spectral_boundaries/{tag}"][1:-1]:
+        for edge in r.boundaries[(a, b)][1:-1]:
             ax.axhline(edge - 0.5, color="k", lw=0.5)
             ax.axvline(edge - 0.5, color="k", lw=0.5)
     fig.suptitle(f"m{a}+m{b} units by spectral cluster, step {report.step}", fontsize=8)
@@ -158,15 +167,13 @@ def dendrogram_figure(report: StepReport, layers: Sequence[str], a: int, b: int)
     """Per layer: hierarchical merges of both nets' units; leaves marked by net."""
     from scipy.cluster.hierarchy import dendrogram
 
-    tag = pair_suffix(a, b)
-    present = [l for l in layers if f"{l}/linkage/{tag}" in report.arrays]
+    present = [(l, r) for l, r in _results(report, "hierarchical", layers) if (a, b) in r.linkage]
     if not present:
         return None
     fig, axes = plt.subplots(len(present), 1, figsize=(7, 1.6 * len(present)), squeeze=False)
-    for ax, layer in zip(axes[:, 0], present):
-        z = report.arrays[f"{layer}/linkage/{tag}"]
-        n_a = len(report.arrays[f"{layer}/dead/m{a}"])
-        tree = dendrogram(z, ax=ax, no_labels=True, color_threshold=0, above_threshold_color="0.4")
+    for ax, (layer, r) in zip(axes[:, 0], present):
+        n_a = r.n_a[(a, b)]
+        tree = dendrogram(r.linkage[(a, b)], ax=ax, no_labels=True, color_threshold=0, above_threshold_color="0.4")
         leaves = np.array(tree["leaves"])
         x = np.arange(5, 10 * len(leaves), 10)
         ax.scatter(x[leaves < n_a], np.zeros((leaves < n_a).sum()), marker="|", color="tab:blue", s=12)
@@ -178,16 +185,15 @@ def dendrogram_figure(report: StepReport, layers: Sequence[str], a: int, b: int)
     return fig
 
 
-def mean_activation_figure(report: StepReport, layers: Sequence[str], k: int) -> Figure | None:
+def mean_activation_figure(report: StepReport, layers: Sequence[str]) -> Figure | None:
     """Sorted per-unit mean activation per layer, all members overlaid (log scale)."""
-    present = [l for l in layers if f"{l}/mean/m0" in report.arrays]
+    present = _results(report, "mean_activation", layers)
     if not present:
         return None
     fig, axes = _grid(len(present))
-    for ax, layer in zip(axes, present):
-        for i in range(k):
-            means = np.sort(report.arrays[f"{layer}/mean/m{i}"])[::-1]
-            ax.plot(np.maximum(means, 1e-8), lw=1, label=f"m{i}")
+    for ax, (layer, r) in zip(axes, present):
+        for i, means in r.means.items():
+            ax.plot(np.maximum(np.sort(means.cpu().numpy())[::-1], 1e-8), lw=1, label=f"m{i}")
         _log_scale(ax, "y")
         _title(ax, layer, 8)
     axes[0].legend(fontsize=6)
@@ -196,18 +202,19 @@ def mean_activation_figure(report: StepReport, layers: Sequence[str], k: int) ->
     return fig
 
 
-def sparse_figure(report: StepReport, settings: AnalysisSettings) -> Figure | None:
-    """Held-out error vs mean non-zero weights along the L1 path, per layer."""
-    present = [l for l in settings.layers if f"sparse/{l}/error/l1={l1_label(settings.l1[0])}" in report.scalars]
+def sparse_figure(report: StepReport, layers: Sequence[str]) -> Figure | None:
+    """Held-out error vs mean non-zero weights along the L1 path, per layer (pair averages)."""
+    present = [(l, r) for l, r in _results(report, "sparse", layers) if r.fits]
     if not present:
         return None
     fig, axes = _grid(len(present))
-    for ax, layer in zip(axes, present):
-        nnz = [report.scalars[f"sparse/{layer}/nnz/l1={l1_label(w)}"] for w in settings.l1]
-        err = [report.scalars[f"sparse/{layer}/error/l1={l1_label(w)}"] for w in settings.l1]
+    for ax, (layer, r) in zip(axes, present):
+        labels = [l1_label(w) for w in r.l1]
+        err = [r.error[label].value for label in labels]
+        nnz = [float(np.mean([float(f.nnz[i]) for f in r.fits.values()])) for i in range(len(labels))]
         ax.plot(nnz, err, "o-")
-        for w, x, y in zip(settings.l1, nnz, err):
-            ax.annotate(l1_label(w), (x, y), fontsize=5)
+        for label, x, y in zip(labels, nnz, err):
+            ax.annotate(label, (x, y), fontsize=5)
         _title(ax, layer, 8)
         ax.set_xlabel("non-zero weights per unit", fontsize=7)
     axes[0].set_ylabel("held-out error", fontsize=7)
@@ -218,35 +225,33 @@ def sparse_figure(report: StepReport, settings: AnalysisSettings) -> Figure | No
 
 def cross_layer_figure(report: StepReport, layers: Sequence[str], a: int, b: int) -> Figure | None:
     """Layer x layer similarity of m{a} vs m{b} for every measure (image-level features)."""
-    tag = pair_suffix(a, b)
-    keys = sorted(k for k in report.arrays if k.startswith("cross_layer/") and k.endswith("/" + tag))
-    if not keys:
+    r = report.result("cross_layer")
+    panels = [] if r is None else [(label, m[(a, b)]) for label, m in sorted(r.matrices.items()) if (a, b) in m]
+    if not panels:
         return None
-    fig, axes = _grid(len(keys), size=2.8)
-    for ax, key in zip(axes, keys):
-        m = report.arrays[key]
+    fig, axes = _grid(len(panels), size=2.8)
+    for ax, (label, m) in zip(axes, panels):
         ax.imshow(m, cmap="viridis", vmin=0, vmax=1)
-        ax.set_xticks(range(len(layers)), layers, rotation=90, fontsize=5)
-        ax.set_yticks(range(len(layers)), layers, fontsize=5)
-        _title(ax, key.split("/")[1], 7)
+        ax.set_xticks(range(len(r.layers)), r.layers, rotation=90, fontsize=5)
+        ax.set_yticks(range(len(r.layers)), r.layers, fontsize=5)
+        _title(ax, label, 7)
     fig.suptitle(f"cross-layer similarity m{a} (rows) x m{b} (cols), step {report.step}", fontsize=8)
     _tidy(fig)
     return fig
 
 
-def patch_canvas(report: StepReport, layer: str, a: int, b: int, crop, n_pairs: int = 8):
+def patch_canvas(best: tuple[np.ndarray, np.ndarray], tops: dict, a: int, b: int, crop, n_pairs: int = 8):
     """Tiles of input patches for the top and bottom `n_pairs` max-matched pairs of a layer:
-    per row a's top patches, a gap, b's top patches. Returns (canvas, rows, geometry) or None.
+    per row a's top patches, a gap, b's top patches. `best`: (partner index, correlation) of a's
+    units; `tops[m]`: member m's top (values, (image, y, x)). Returns (canvas, rows, geometry) or None.
 
     `crop(member, unit, rank)` returns the patch [S, S] or [S, S, 3] in [0, 1] (or None)."""
-    tag = pair_suffix(a, b)
-    idx = report.arrays.get(f"{layer}/max_index/{tag}")
-    if idx is None or f"{layer}/top_index/m{a}" not in report.arrays:
+    idx, value = best
+    if a not in tops or b not in tops:
         return None
-    value = report.arrays[f"{layer}/max_value/{tag}"]
     ranked = [u for u in np.argsort(-value) if idx[u] >= 0]
     chosen = ranked[:n_pairs] + ranked[-n_pairs:] if len(ranked) > 2 * n_pairs else ranked
-    shown = min(4, report.arrays[f"{layer}/top_index/m{a}"].shape[1])
+    shown = min(4, tops[a][1].shape[1])
     sample = next((p for u in chosen for p in [crop(a, int(u), 0)] if p is not None), None)
     if sample is None:
         return None
@@ -265,25 +270,29 @@ def patch_canvas(report: StepReport, layer: str, a: int, b: int, crop, n_pairs: 
     return canvas, rows, (size, pad, shown)
 
 
-def patch_figure(report: StepReport, layers: Sequence[str], a: int, b: int, croppers: dict, n_pairs: int = 8) -> Figure | None:
+def patch_figure(report: StepReport, layers: Sequence[str], a: int, b: int, fields: dict, probe_set, n_pairs: int = 8) -> Figure | None:
     """The paper's figure, one panel per conv layer: the top and bottom max-matched pairs, each
     unit shown by the input patches (receptive fields) of its top activations, with the pair's
     correlation between them. Patches are tiled into one image per layer (fast to draw)."""
+    corr = report.results.get("correlation", {})
     panels = []
-    for layer in layers:
-        if layer in croppers:
-            made = patch_canvas(report, layer, a, b, croppers[layer], n_pairs)
-            if made is not None:
-                panels.append((layer, *made))
+    for layer, r in _results(report, "patches", layers):
+        if layer not in fields or layer not in corr or (a, b) not in corr[layer].best:
+            continue
+        tops = {m: (v.cpu().numpy(), i.cpu().numpy()) for m, (v, i) in r.top.items()}
+        best = tuple(t.cpu().numpy() for t in corr[layer].best[(a, b)])
+        made = patch_canvas(best, tops, a, b, patch_cropper(tops, fields[layer], probe_set), n_pairs)
+        if made is not None:
+            panels.append((layer, *made))
     if not panels:
         return None
     fig, axes = plt.subplots(1, len(panels), figsize=(2.4 * len(panels), 4.6), squeeze=False)
     for ax, (layer, canvas, rows, (size, pad, shown)) in zip(axes[0], panels):
         ax.imshow(canvas, cmap="gray" if canvas.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest")
         cell = size + pad
-        for r, (u, v, corr) in enumerate(rows):
+        for r, (u, v, corr_value) in enumerate(rows):
             y = pad + r * cell + size / 2
-            ax.text(pad + shown * cell + size / 2, y, f"{corr:.2f}", ha="center", va="center", fontsize=4)
+            ax.text(pad + shown * cell + size / 2, y, f"{corr_value:.2f}", ha="center", va="center", fontsize=4)
         _title(ax, layer, 7)
         ax.axis("off")
     fig.suptitle(f"top / bottom max-matched pairs: m{a} patches | corr | m{b} patches, step {report.step}", fontsize=7)
@@ -292,44 +301,61 @@ def patch_figure(report: StepReport, layers: Sequence[str], a: int, b: int, crop
 
 
 def over_training_figure(history: dict[str, list[tuple[int, float]]], family: str, name: str, layers: Sequence[str]) -> Figure | None:
-    """Value vs global step (log x) per layer, with the step-0 value and the null drawn dashed."""
-    present = [l for l in layers if history.get(f"{family}/{l}/{name}")]
+    """Left: the value vs global step (log x) per layer, its interval shaded, the null band
+    (null mean to its 95th percentile) shaded grey and the step-0 (random init) value dotted.
+    Right: the score above chance, (value - null) / (perfect - null), when there is a null."""
+    key = lambda layer, suffix="": f"{family}/{layer}/{name}" + (f"/{suffix}" if suffix else "")  # noqa: E731
+    present = [l for l in layers if history.get(key(l))]
     if not present:
         return None
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    calibrated = any(history.get(key(l, "above_null")) for l in present)
+    fig, axes = plt.subplots(1, 2 if calibrated else 1, figsize=(10 if calibrated else 5.5, 3.6), squeeze=False)
+    ax = axes[0, 0]
     colours = plt.cm.viridis(np.linspace(0, 0.9, len(present)))
+
+    def series(k: str) -> tuple[np.ndarray, np.ndarray]:
+        points = sorted(history.get(k, []))
+        return np.maximum(np.array([s for s, _ in points], dtype=float), 0.5), np.array([v for _, v in points])
+
     for colour, layer in zip(colours, present):
-        points = sorted(history[f"{family}/{layer}/{name}"])
-        steps = np.array([s for s, _ in points], dtype=float)
-        values = np.array([v for _, v in points])
-        ax.plot(np.maximum(steps, 0.5), values, "o-", ms=3, color=colour, label=layer)
-        if steps[0] == 0:
+        steps, values = series(key(layer))
+        ax.plot(steps, values, "o-", ms=3, color=colour, label=layer)
+        if steps[0] == 0.5:
             ax.axhline(values[0], color=colour, lw=0.6, ls=":")
-        null = history.get(f"{family}/{layer}/{name}/null")
-        if null:
-            ns = sorted(null)
-            ax.plot(np.maximum([s for s, _ in ns], 0.5), [v for _, v in ns], "--", lw=0.8, color=colour)
+        lo, hi = series(key(layer, "ci_lo")), series(key(layer, "ci_hi"))
+        if len(lo[0]) and len(lo[0]) == len(hi[0]):
+            ax.fill_between(lo[0], lo[1], hi[1], color=colour, alpha=0.2, lw=0)
+        null, p95 = series(key(layer, "null")), series(key(layer, "null_p95"))
+        if len(null[0]):
+            ax.plot(null[0], null[1], "--", lw=0.8, color=colour)
+            if len(p95[0]) == len(null[0]):
+                ax.fill_between(null[0], null[1], p95[1], color="0.5", alpha=0.15, lw=0)
+        if calibrated:
+            above = series(key(layer, "above_null"))
+            axes[0, 1].plot(above[0], above[1], "o-", ms=3, color=colour, label=layer)
     _log_scale(ax, "x")
     ax.set_xlabel("global step (step 0 drawn at 0.5)")
     ax.set_ylabel(f"{family} {name}")
-    _title(ax, f"{family}/{name} over training (dotted: step 0, dashed: permutation null)", 8)
+    _title(ax, f"{family}/{name}: band = 95 % interval; dashed + grey: null (mean to p95); dotted: step 0", 7)
     ax.legend(fontsize=6, ncol=2)
+    if calibrated:
+        right = axes[0, 1]
+        right.axhline(0.0, color="0.5", lw=0.6)
+        _log_scale(right, "x")
+        right.set_xlabel("global step (step 0 drawn at 0.5)")
+        right.set_ylabel("above null")
+        _title(right, f"{family}/{name} above chance: (value - null) / (perfect - null)", 7)
     _tidy(fig)
     return fig
 
 
-# (family, name) of the scalars drawn over training at the end of fit.
-OVER_TRAINING = (
-    ("align", "semi_match"),
-    ("align", "max_match"),
-    ("mi", "semi_match"),
-    ("cka", "linear"),
-    ("cka", "linear_debiased"),
-    ("cca", "mean"),
-    ("cca", "svcca"),
-    ("cca", "pwcca"),
-    ("procrustes", "similarity"),
-)
+def over_training_keys(plan) -> list[tuple[str, str]]:
+    """(family, name) of every calibrated measure drawn over training at the end of fit: the
+    registered measures and mutual information's semi-matching (the sparse path is not drawn)."""
+    out = [(m.family, m.short) for m in plan.measures]
+    if plan.on("mutual_info"):
+        out.append(("mi", "semi_match"))
+    return out
 
 
 def _display(patch) -> np.ndarray:
@@ -340,16 +366,13 @@ def _display(patch) -> np.ndarray:
     return p[0] if p.shape[0] == 1 else np.transpose(p[:3], (1, 2, 0))
 
 
-def patch_cropper(report: StepReport, layer: str, members, probe_set):
-    """crop(member, unit, rank) for `patch_figure`: the receptive field of the unit's rank-th top
+def patch_cropper(tops: dict, field, probe_set):
+    """crop(member, unit, rank) for `patch_canvas`: the receptive field of the unit's rank-th top
     activation, cut from the probe image."""
-    from convergent.models import receptive_field
     from convergent.stats.topk import crop_patch
 
-    field = receptive_field(members[0], layer)
-
     def crop(member: int, unit: int, rank: int):
-        image, y, x = (int(v) for v in report.arrays[f"{layer}/top_index/m{member}"][unit, rank])
+        image, y, x = (int(v) for v in tops[member][1][unit, rank])
         if image < 0:
             return None
         return _display(crop_patch(probe_set[image][0], field, y, x))
@@ -357,10 +380,11 @@ def patch_cropper(report: StepReport, layer: str, members, probe_set):
     return crop
 
 
-def step_figures(report: StepReport, settings: AnalysisSettings, members=None, probe_set=None):
+def step_figures(report: StepReport, plan, fields: dict | None = None, probe_set=None):
     """Yields (key, figure) for every figure of one analysis step, one at a time. A figure that
-    cannot be drawn is a failure of the step (in `report.failures`), not a crash: the others follow."""
-    for key, draw in _figure_plan(report, settings, members, probe_set):
+    cannot be drawn is a failure of the step (in `report.failures`), not a crash: the others follow.
+    `fields`: receptive field of every conv layer (patches); `probe_set`: the probe images."""
+    for key, draw in _figure_plan(report, plan, fields, probe_set):
         before = set(plt.get_fignums())
         try:
             fig = draw()
@@ -373,26 +397,23 @@ def step_figures(report: StepReport, settings: AnalysisSettings, members=None, p
             yield key, fig
 
 
-def _figure_plan(report: StepReport, s: AnalysisSettings, members, probe_set):
-    """(key, drawing function) for every figure the settings ask for."""
-    for a, b in s.plotted_pairs:
+def _figure_plan(report: StepReport, plan, fields, probe_set):
+    """(key, drawing function) for every figure the plan asks for."""
+    layers = plan.layers
+    for a, b in plan.heavy_pairs:
         tag = pair_suffix(a, b)
-        yield f"corr/{tag}", lambda a=a, b=b: correlation_figure(report, s.layers, a, b)
-        yield f"matching/{tag}", lambda a=a, b=b: matching_figure(report, s.layers, a, b)
-        if s.on("spectral"):
-            yield f"spectral/{tag}", lambda a=a, b=b: spectral_figure(report, s.layers, a, b)
-        if s.on("hierarchical"):
-            yield f"hier/{tag}", lambda a=a, b=b: dendrogram_figure(report, s.layers, a, b)
-        if s.on("patches") and members is not None and probe_set is not None:
-
-            def patches(a=a, b=b):
-                croppers = {l: patch_cropper(report, l, members, probe_set) for l in s.conv_layers}
-                return patch_figure(report, s.conv_layers, a, b, croppers, s.patch_pairs)
-
-            yield f"patches/{tag}", patches
-        if s.on("cross_layer"):
-            yield f"cross_layer/{tag}", lambda a=a, b=b: cross_layer_figure(report, s.layers, a, b)
-    if s.on("mean_activation"):
-        yield "act/mean", lambda: mean_activation_figure(report, s.layers, s.k)
-    if s.on("sparse"):
-        yield "sparse/error_vs_nnz", lambda: sparse_figure(report, s)
+        yield f"corr/{tag}", lambda a=a, b=b: correlation_figure(report, layers, a, b)
+        yield f"matching/{tag}", lambda a=a, b=b: matching_figure(report, layers, a, b)
+        if plan.on("spectral"):
+            yield f"spectral/{tag}", lambda a=a, b=b: spectral_figure(report, layers, a, b)
+        if plan.on("hierarchical"):
+            yield f"hier/{tag}", lambda a=a, b=b: dendrogram_figure(report, layers, a, b)
+        if plan.on("patches") and fields and probe_set is not None:
+            n = plan.config.patches.pairs
+            yield f"patches/{tag}", lambda a=a, b=b: patch_figure(report, plan.conv_layers, a, b, fields, probe_set, n)
+        if plan.on("cross_layer"):
+            yield f"cross_layer/{tag}", lambda a=a, b=b: cross_layer_figure(report, layers, a, b)
+    if plan.on("mean_activation"):
+        yield "act/mean", lambda: mean_activation_figure(report, layers)
+    if plan.on("sparse"):
+        yield "sparse/error_vs_nnz", lambda: sparse_figure(report, layers)
