@@ -10,11 +10,10 @@ import pytest
 import torch
 from hydra.errors import ConfigCompositionException
 
-from convergent.config import ConfigError
+from convergent.analysis.registry import REGISTRY
+from convergent.errors import ConfigError
 from convergent.models import LAYERS
-from convergent.settings import ANALYSES
-from tests.conftest import run_cli
-from tests.inprocess import compose_train
+from tests.support import compose_train, run_cli
 
 WRITTEN = ("csv", "checkpoints", "wandb", "analysis", "figures", "run.json")
 
@@ -43,7 +42,9 @@ def test_unknown_layer_lists_the_valid_layers(tmp_path):
 def test_unknown_analysis_lists_the_valid_analyses(tmp_path):
     message = prepare_error(tmp_path, "debug=tiny", "analysis.analyses=[correlation,ckaa]")
     assert "analysis.analyses" in message and "'ckaa'" in message
-    assert "valid analyses: " + ", ".join(ANALYSES) in message
+    import convergent.analysis.builtin  # noqa: F401 - the built-in analyses
+
+    assert "valid analyses: " + ", ".join(sorted(REGISTRY.analyses)) in message
 
 
 def test_probe_size_larger_than_the_validation_split(tmp_path):
@@ -76,15 +77,34 @@ def test_cifar_not_found_offline_says_where_to_put_it(tmp_path):
 def test_statistics_over_the_memory_limit(tmp_path):
     message = prepare_error(tmp_path, "debug=tiny", "analysis.memory_limit_gb=0.001")
     assert "over analysis.memory_limit_gb=0.001" in message and "analysis.max_units" in message
-    assert "analysis.permutation_null=false" in message  # the key that exists
+    assert "analysis.null.enabled=false" in message and "analysis.interval.groups" in message  # keys that exist
 
 
-def test_probe_set_too_small_for_the_permutation_null(tmp_path):
-    message = prepare_error(tmp_path, "debug=tiny", "analysis.probe_size=1")
-    assert "analysis.probe_size=1" in message and "analysis.permutation_null=false" in message
+def test_probe_set_too_small_for_the_null(tmp_path):
+    message = prepare_error(tmp_path, "debug=tiny", "analysis.probe_size=3")
+    assert "analysis.probe_size=3" in message and "analysis.null.enabled=false" in message
     from convergent.train import prepare
 
-    prepare(compose_train("debug=tiny", "analysis.probe_size=1", "analysis.permutation_null=false"), tmp_path / "ok")
+    prepare(compose_train("debug=tiny", "analysis.probe_size=3", "analysis.null.enabled=false"), tmp_path / "ok")
+
+
+def test_legacy_null_keys_are_renamed_with_a_deprecation_message(capsys):
+    from convergent.config import migrate_argv, validate
+
+    with pytest.warns(FutureWarning, match="analysis.permutation_null is deprecated"):
+        argv = migrate_argv(["debug=tiny", "analysis.permutation_null=false", "analysis.null_pairs=all"])
+    assert argv == ["debug=tiny", "analysis.null.enabled=false", "analysis.null.pairs=all"]
+    assert "use analysis.null.enabled" in capsys.readouterr().err
+    # a saved config of an earlier release (as resume= composes it) is renamed the same way
+    cfg = compose_train("debug=tiny")
+    from omegaconf import OmegaConf
+
+    old = OmegaConf.to_container(cfg)
+    old["analysis"].pop("null")
+    old["analysis"].update(permutation_null=False, null_pairs="all")
+    with pytest.warns(FutureWarning):
+        conf = validate(OmegaConf.create(old))
+    assert conf.analysis.null.enabled is False and conf.analysis.null.pairs == "all"
 
 
 @pytest.mark.parametrize(
@@ -119,7 +139,7 @@ def test_mistyped_key_names_the_key(override, key):
     with pytest.raises(ConfigCompositionException) as err:
         compose_train("debug=tiny", override)
     text = f"{err.value} {err.value.__cause__}"
-    assert f"Could not override '{key}'" in text and "not in struct" in text
+    assert f"Could not override '{key}'" in text and f"Key '{key.split('.')[-1]}' not in" in text
 
 
 def test_cli_bad_input_is_one_line_on_stderr_exit_2_and_writes_nothing(tmp_path):

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import run_cli
-from tests.inprocess import LIGHT, one_thread, read_metrics, train_in
+from tests.support import run_cli
+from tests.support import LIGHT, read_metrics, single_thread, train_in
 
 TIMING = ("monitor/",)  # wall-clock keys: the only ones allowed to differ between identical runs
 
@@ -47,7 +47,7 @@ def test_same_seed_gives_identical_alignment_at_every_step(tmp_path):
     (the global RNGs are in whatever state the first run left)."""
     common = ("debug=tiny", "logger=csv", "trainer.max_steps=3", "analysis.layers=[conv1,conv2,fc6]",
               "analysis.figures=none", "analysis.save_checkpoints=false")  # fmt: skip
-    with one_thread():
+    with single_thread():
         train_in(tmp_path / "a", *common)
         train_in(tmp_path / "b", *common)
         train_in(tmp_path / "other_seed", *common, "seed=1", "trainer.max_steps=1", "analysis.analyses=[correlation]")
@@ -86,7 +86,7 @@ def test_jobs_in_one_process_leak_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     before = {key: os.environ.get(key) for key in LEAKY_ENV}
     jobs = {"0": "model.width=0.125", "1": "model.width=0.25", "2": "model.width=0.125"}
-    with one_thread():
+    with single_thread():
         for name, width in jobs.items():
             train_in(tmp_path / name, "debug=tiny", "trainer.max_steps=2", *LIGHT, "analysis.layers=[conv1,fc6]",
                      "analysis.figures=ends", "logger.wandb.mode=offline", width)  # fmt: skip

@@ -16,13 +16,7 @@ SMALL_FC = 512
 CONVS = ["conv1", "conv2", "conv3", "conv4", "conv5"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on a loaded 2-core machine two threads run several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def out_side(n: int, kernel: int, stride: int = 1, padding: int = 0) -> int:

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from convergent.pipeline import expected_scalar_keys
-from convergent.settings import AnalysisSettings
+from convergent.analysis.plan import Plan
+from convergent.config import validate
 
 
 
@@ -29,7 +29,7 @@ def read_metrics(run_dir: Path) -> dict[str, dict[int, float]]:
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    from tests.conftest import run_cli
+    from tests.support import run_cli
 
     tmp = tmp_path_factory.mktemp("tiny")
     run_dir = tmp / "run"
@@ -37,16 +37,15 @@ def tiny_run(tmp_path_factory):
     return run_dir, proc
 
 
-def settings_of(run_dir: Path) -> AnalysisSettings:
-    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-    return AnalysisSettings.from_config(OmegaConf.to_container(cfg.analysis, resolve=True), k=cfg.ensemble.k)
+def plan_of(run_dir: Path) -> Plan:
+    conf = validate(OmegaConf.load(run_dir / ".hydra" / "config.yaml"))
+    return Plan.build(conf.analysis, k=conf.ensemble.k)
 
 
 def test_every_key_is_logged_at_every_analysis_step(tiny_run):
     run_dir, proc = tiny_run
     metrics = read_metrics(run_dir)
-    s = settings_of(run_dir)
-    expected = expected_scalar_keys(s, full=True)
+    expected = plan_of(run_dir).declared_keys(full=True)
     steps = [0, 1, 2, 5, 10]
     missing = sorted(k for k in expected if k not in metrics)
     assert not missing, f"keys never logged: {missing[:10]}"
@@ -56,6 +55,15 @@ def test_every_key_is_logged_at_every_analysis_step(tiny_run):
     unexpected = sorted(
         k for k in metrics if k.split("/")[0] in {"align", "mi", "sparse", "spectral", "hier", "act", "cka", "cca", "procrustes", "layer_id"} and k not in expected
     )
+    # every measure is calibrated at every step: an interval around its value, a null below its p95
+    measures = [k[: -len("/ci_lo")] for k in expected if k.endswith("/ci_lo")]
+    assert measures and any(m.startswith("sparse/") for m in measures) and any(m.startswith("mi/") for m in measures)
+    for key in measures:
+        for step in steps:
+            assert metrics[f"{key}/ci_lo"][step] <= metrics[key][step] + 1e-12 <= metrics[f"{key}/ci_hi"][step] + 2e-12, (key, step)
+            assert f"{key}/pairs_sd" in metrics
+            if f"{key}/null" in metrics:
+                assert metrics[f"{key}/null"][step] <= metrics[f"{key}/null_p95"][step] + 1e-12, (key, step)
     assert not unexpected, f"logged keys the pipeline does not declare: {unexpected[:10]}"
     for key in ("train/loss", "val/acc", "member0/val/acc", "member2/train/loss"):
         assert key in metrics
@@ -78,7 +86,7 @@ def test_files_of_every_step_exist(tiny_run):
 
 
 def test_analyze_reproduces_the_logged_values(tiny_run, tmp_path):
-    from tests.conftest import run_cli
+    from tests.support import run_cli
 
     run_dir, _ = tiny_run
     out = tmp_path / "posthoc"
@@ -92,6 +100,20 @@ def test_analyze_reproduces_the_logged_values(tiny_run, tmp_path):
         live = logged[row["key"]][10]
         assert float(row["value"]) == pytest.approx(live, abs=1e-9, rel=1e-9), row["key"]
         compared += 1
-    assert compared == len(expected_scalar_keys(settings_of(run_dir), full=True))
+    assert compared == len(plan_of(run_dir).declared_keys(full=True))
     live_npz, post_npz = np.load(run_dir / "analysis" / "step=10.npz"), np.load(out / "analysis" / "step=10.npz")
     np.testing.assert_allclose(post_npz["conv3/corr/m0-m2"], live_npz["conv3/corr/m0-m2"], atol=1e-12)
+
+
+def test_summary_shows_the_final_alignment_equal_to_the_logged_values(tiny_run):
+    import json
+
+    run_dir, proc = tiny_run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    alignment = summary["alignment"]
+    metrics = read_metrics(run_dir)
+    for layer in plan_of(run_dir).layers:
+        for key in (f"align/{layer}/semi_match", f"align/{layer}/max_match", f"cka/{layer}/linear"):
+            for suffix in ("", "/null", "/null_p95", "/above_null", "/ci_lo", "/ci_hi"):
+                assert alignment[key + suffix] == metrics[key + suffix][max(metrics[key + suffix])], key + suffix
+    assert "alignment at the last step" in proc.stdout

@@ -16,36 +16,33 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from convergent.analysis.builtin.mutual_info import MutualInfoOptions
+from convergent.analysis.builtin.patches import PatchesOptions
+from convergent.analysis.builtin.spectral import SpectralOptions
+from convergent.analysis.config import AnalysisConfig, NullConfig
 from convergent.analysis.measures import SampleSizeWarning
-from convergent.callbacks.monitor import probe_runner
+from convergent.analysis.plan import Plan
 from convergent.models import AlexNet
-from convergent.pipeline import StepReport, analyze, expected_scalar_keys
-from convergent.settings import ANALYSES, AnalysisSettings
-from tests.inprocess import one_thread
+from convergent.monitor.probe import ProbeRunner
+from convergent.monitor.step import StepReport, analyse
 
 LAYERS = ["conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7"]
 HYPOTHESIS = dict(deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    with one_thread():
-        yield
-
-
-def analysis_settings(k: int, n: int, layers=LAYERS, **overrides) -> AnalysisSettings:
-    cfg = dict(
+def make_plan(k: int, n: int, layers=LAYERS, null: bool = True, n_clusters: int = 3) -> Plan:
+    config = AnalysisConfig(
         layers=list(layers),
-        analyses=list(ANALYSES),
         probe_size=n,
         batch_size=n,  # the probe set is one batch
         heavy_pairs="all",
-        spectral={"n_clusters": 3},
-        mutual_info={"layers": "conv", "positions": 4},
-        patches={"top_k": 3, "pairs": 2},
+        null=NullConfig(enabled=null, draws=3),
+        spectral=SpectralOptions(n_clusters=n_clusters),
+        mutual_info=MutualInfoOptions(layers="conv", positions=4),
+        patches=PatchesOptions(top_k=3, pairs=2),
     )
-    cfg.update(overrides)
-    return AnalysisSettings.from_config(cfg, k)
+    return Plan.build(config, k)
 
 
 def probe_loader(images: torch.Tensor, batch_size: int):
@@ -57,20 +54,21 @@ def probe_loader(images: torch.Tensor, batch_size: int):
     ]
 
 
-def one_step(members, images, s: AnalysisSettings, full: bool = True) -> StepReport:
-    widths = {layer: members[0].layer_width(layer) for layer in s.layers}
-    probe = probe_runner(s, widths).run(list(members), probe_loader(images, s.batch_size), torch.device("cpu"), full=full)
+def one_step(members, images, plan: Plan, full: bool = True) -> StepReport:
+    widths = {layer: members[0].layer_width(layer) for layer in plan.layers}
+    probe = ProbeRunner(plan, widths).run(list(members), probe_loader(images, plan.config.batch_size), torch.device("cpu"), full=full)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SampleSizeWarning)  # CCA with fewer samples than units: warned, still finite
-        return analyze(probe, s, step=0, full=full)
+        return analyse(probe, plan, step=0, full=full)
 
 
-def assert_all_finite(report: StepReport, s: AnalysisSettings, full: bool) -> None:
+def assert_all_finite(report: StepReport, plan: Plan, full: bool) -> None:
     assert report.failures == [], report.failures[:5]
     assert report.scalars and all(np.isfinite(v) for v in report.scalars.values())
-    # nothing declared went missing (a value may be skipped only where the pipeline skips it by design)
-    missing = expected_scalar_keys(s, full=full) - set(report.scalars)
-    assert all(k.startswith(("spectral/", "mi/")) for k in missing), sorted(missing)[:10]
+    # nothing declared went missing (the score above chance is undefined when the null is perfect)
+    missing = plan.declared_keys(full=full) - set(report.scalars)
+    assert all(k.endswith("/above_null") for k in missing), sorted(missing)[:10]
+    assert not set(report.scalars) - plan.declared_keys(full=full) - {"monitor/analysis_seconds"}
     for key, value in report.arrays.items():
         if value.dtype.kind in "fc":
             assert np.isfinite(value).all(), key
@@ -156,9 +154,9 @@ def degenerate_images(case: dict) -> torch.Tensor:
 @settings(max_examples=12, **HYPOTHESIS)
 @given(case=DEGENERATE)
 def test_every_analysis_is_finite_on_degenerate_members(case):
-    s = analysis_settings(case["k"], case["n"], permutation_null=case["null"])
-    report = one_step(degenerate_members(case), degenerate_images(case), s, full=case["full"])
-    assert_all_finite(report, s, case["full"])
+    plan = make_plan(case["k"], case["n"], null=case["null"])
+    report = one_step(degenerate_members(case), degenerate_images(case), plan, full=case["full"])
+    assert_all_finite(report, plan, case["full"])
 
 
 @pytest.mark.parametrize(
@@ -174,8 +172,8 @@ def test_every_analysis_is_finite_on_degenerate_members(case):
 )
 def test_named_degenerate_cases(case):
     case = {**dict(k=2, n=12, scale=1.0, dtype=torch.float32, identical=False, full=True, null=True), **case}
-    s = analysis_settings(case["k"], case["n"])
-    assert_all_finite(one_step(degenerate_members(case), degenerate_images(case), s), s, True)
+    plan = make_plan(case["k"], case["n"])
+    assert_all_finite(one_step(degenerate_members(case), degenerate_images(case), plan), plan, True)
 
 
 def test_figures_of_a_degenerate_step_render():
@@ -184,19 +182,21 @@ def test_figures_of_a_degenerate_step_render():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from convergent.plotting import step_figures
+    from convergent.models import receptive_field
+    from convergent.monitor.plotting import step_figures
 
     case = dict(k=2, n=12, images="constant", dead=0.5, dead_members="first", zero_layer="fc7", scale=1.0,
                 dtype=torch.bfloat16, identical=False)  # fmt: skip
-    s = analysis_settings(2, 12)
+    plan = make_plan(2, 12)
     members = degenerate_members(case)
     images = degenerate_images(case)
-    report = one_step(members, images, s)
-    assert_all_finite(report, s, True)
+    report = one_step(members, images, plan)
+    assert_all_finite(report, plan, True)
     probe_set = [(images[i].float(), 0) for i in range(images.shape[0])]
+    fields = {layer: receptive_field(members[0], layer) for layer in plan.conv_layers}
     drawn = []
     try:
-        for key, fig in step_figures(report, s, members, probe_set):
+        for key, fig in step_figures(report, plan, fields, probe_set):
             buf = io.BytesIO()
             fig.savefig(buf, format="png", dpi=40)
             assert buf.tell() > 1000, key
@@ -216,7 +216,8 @@ def test_overflowing_activations_are_reported_and_never_written(tmp_path):
 
     import matplotlib.pyplot as plt
 
-    from convergent.callbacks import ConvergenceMonitor
+    from convergent.models import receptive_field
+    from convergent.monitor.service import StepService
 
     case = dict(k=2, n=12, images="noise", dead=0.0, dead_members="all", zero_layer=None, scale=1.0,
                 dtype=torch.float16, identical=False)  # fmt: skip
@@ -225,18 +226,19 @@ def test_overflowing_activations_are_reported_and_never_written(tmp_path):
         for p in members[1].parameters():  # member 1 only: its deep layers overflow fp16
             p.mul_(1e3)
     images = degenerate_images(case)
-    s = analysis_settings(2, 12)
-    widths = {layer: members[0].layer_width(layer) for layer in s.layers}
-    probe = probe_runner(s, widths).run(members, probe_loader(images, 12), torch.device("cpu"))
-
+    plan = make_plan(2, 12)
+    widths = {layer: members[0].layer_width(layer) for layer in plan.layers}
     probe_set = [(images[i].float(), 0) for i in range(12)]
-    monitor = ConvergenceMonitor(s, tmp_path, SimpleNamespace(probe_set=lambda n: probe_set))
     logged = {}
     logger = SimpleNamespace(log_metrics=lambda values, step: logged.update(values), save=lambda: None)
-    trainer = SimpleNamespace(loggers=[logger], lightning_module=SimpleNamespace(members=members))
+    fields = {layer: receptive_field(members[0], layer) for layer in plan.conv_layers}
+    monitor = StepService(plan, widths, tmp_path, [logger], background=True, probe_set=probe_set, fields=fields)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SampleSizeWarning)
-        monitor.write_step(trainer, probe, 0, True)
+        probe = monitor.probe(members, probe_loader(images, 12), torch.device("cpu"), True)
+        monitor.analyse_and_write(probe, 0, True)
+    monitor.finish(0, figures=False)
+    monitor.close()
 
     assert monitor.failures and all(f.startswith("step 0: ") for f in monitor.failures)
     assert any(" on fc7 failed" in f or "fc7/" in f for f in monitor.failures), monitor.failures[:10]
@@ -307,14 +309,20 @@ def activations(draw):
 def test_every_analysis_is_finite_on_generated_activations(data, full, null):
     k, n, acts = data
     members = [Replay(a) for a in acts]
-    s = analysis_settings(k, n, layers=["conv1", "conv2", "fc6"], permutation_null=null, spectral={"n_clusters": 2})
+    plan = make_plan(k, n, layers=["conv1", "conv2", "fc6"], null=null, n_clusters=2)
     images = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1)
-    report = one_step(members, images, s, full=full)
-    assert_all_finite(report, s, full)
+    report = one_step(members, images, plan, full=full)
+    assert_all_finite(report, plan, full)
 
 
-def test_a_two_image_probe_splits_the_null_like_the_real_statistics():
+def test_the_smallest_probe_sets_work_and_a_too_small_one_for_the_null_is_a_clear_error():
+    from convergent.errors import ConfigError
+
     members = [member(0), member(1)]
-    s = analysis_settings(2, 2, layers=["conv1"])
-    report = one_step(members, torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0)), s)
-    assert report.failures == []
+    images = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    plan = make_plan(2, 4, layers=["conv1", "fc6"])
+    assert_all_finite(one_step(members, images, plan), plan, True)
+    plan = make_plan(2, 2, layers=["conv1"], null=False)
+    assert one_step(members, images[:2], plan).failures == []
+    with pytest.raises(ConfigError, match="too small for the null"):
+        make_plan(2, 2, layers=["conv1"])

@@ -11,7 +11,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 
-from convergent.plotting import OVER_TRAINING, collecting_young_garbage, over_training_figure  # noqa: E402
+from matplotlib.collections import PolyCollection  # noqa: E402
+
+from convergent.monitor.plotting import collecting_young_garbage, over_training_figure  # noqa: E402
 
 
 class Node:
@@ -44,7 +46,7 @@ def test_gc_pause_restores_the_collector_after_an_error():
 
 
 def test_over_training_log_axis_has_plain_labels():
-    family, name = OVER_TRAINING[0]
+    family, name = "align", "semi_match"
     history = {f"{family}/conv1/{name}": [(s, 0.1 * i) for i, s in enumerate([0, 1, 2, 5, 10, 22, 46, 100, 215])]}
     fig = over_training_figure(history, family, name, ["conv1"])
     try:
@@ -54,3 +56,27 @@ def test_over_training_log_axis_has_plain_labels():
         assert {"1", "10", "100"} <= set(labels), labels
     finally:
         plt.close(fig)
+
+
+def test_over_training_draws_the_interval_the_null_band_and_the_score_above_chance():
+    steps = [0, 1, 2, 5, 10]
+    key = "cka/fc6/linear"
+    history = {key: [(s, 0.5 + 0.01 * s) for s in steps]}
+    history.update({f"{key}/{suffix}": [(s, v + 0.01 * s) for s in steps] for suffix, v in
+                    (("ci_lo", 0.45), ("ci_hi", 0.55), ("null", 0.1), ("null_p95", 0.15), ("above_null", 0.4))})  # fmt: skip
+    fig = over_training_figure(history, "cka", "linear", ["fc6"])
+    try:
+        left, right = fig.axes
+        bands = [c for c in left.collections if isinstance(c, PolyCollection)]
+        assert len(bands) == 2  # the interval and the null band
+        (interval, null_band) = (b.get_paths()[0].vertices for b in bands)
+        assert interval[:, 1].min() >= 0.45 - 1e-9 and interval[:, 1].max() <= 0.55 + 0.1 + 1e-9
+        assert null_band[:, 1].min() >= 0.1 - 1e-9 and null_band[:, 1].max() <= 0.25 + 1e-9
+        assert [tuple(line.get_ydata()) for line in right.get_lines() if len(line.get_ydata()) == 5] == [
+            tuple(0.4 + 0.01 * s for s in steps)
+        ]
+    finally:
+        plt.close(fig)
+    plain = over_training_figure({key: history[key]}, "cka", "linear", ["fc6"])  # uncalibrated: one panel
+    assert len(plain.axes) == 1
+    plt.close(plain)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import cli_env, run_cli
+from tests.support import cli_env, run_cli
 
 # A small run with an analysis every 5 steps (light analyses, no figures: ~1 s per analysis step).
 STEPS, EVERY = 40, 5
@@ -31,7 +31,7 @@ SMALL = (
     "analysis.analyses=[correlation,cka]",
     "analysis.layers=[conv1,conv5,fc7]",
     "analysis.figures=none",
-    "analysis.permutation_null=false",
+    "analysis.null.enabled=false",
 )
 SCHEDULE = list(range(0, STEPS + 1, EVERY))
 
@@ -183,11 +183,11 @@ def test_resume_from_an_epoch_end_checkpoint_logs_at_the_uninterrupted_steps(tmp
     every_n_epochs schedule): the resumed run logs every training and validation row at the step
     (and with the value) of the uninterrupted run. (Lightning restores its logging step one too
     high from such a checkpoint; LastCheckpoint puts it back.)"""
-    from tests.inprocess import LIGHT, one_thread, read_metrics, train_in
+    from tests.support import LIGHT, read_metrics, single_thread, train_in
 
     common = ("debug=tiny", "logger=csv", "trainer.max_steps=16", *LIGHT, "analysis.save_checkpoints=true",
               "analysis.schedule.kind=every_n_epochs", "analysis.schedule.every=1")  # fmt: skip
-    with one_thread():
+    with single_thread():
         train_in(tmp_path / "whole", *common)
         epoch_end = tmp_path / "epoch1.ckpt"  # (a path with `=` needs quoting in a Hydra override)
         epoch_end.write_bytes((tmp_path / "whole" / "checkpoints" / "analysis" / "step=8.ckpt").read_bytes())
@@ -206,42 +206,48 @@ def test_resume_from_an_epoch_end_checkpoint_logs_at_the_uninterrupted_steps(tmp
 # --- a failing analysis -----------------------------------------------------------------------
 def tiny_probe(k: int = 2, n: int = 16):
     """The real probe pass of k tiny members on n noise images."""
-    from convergent.callbacks.monitor import probe_runner
+    from convergent.analysis.builtin.spectral import SpectralOptions
+    from convergent.analysis.config import AnalysisConfig
+    from convergent.analysis.plan import Plan
     from convergent.models import AlexNet
-    from convergent.settings import AnalysisSettings
+    from convergent.monitor.probe import ProbeRunner
 
     members = []
     for i in range(k):
         torch.manual_seed(i)
         members.append(AlexNet.small(width=0.0625, dropout=0.0).eval())
-    s = AnalysisSettings.from_config(
-        dict(layers=["conv1", "conv3", "fc6"], analyses=["correlation", "spectral", "hierarchical", "cka", "cca"],
-             probe_size=n, batch_size=n, spectral={"n_clusters": 3}), k)  # fmt: skip
+    config = AnalysisConfig(layers=["conv1", "conv3", "fc6"], analyses=["correlation", "spectral", "hierarchical", "cka", "cca"],
+                            probe_size=n, batch_size=n, spectral=SpectralOptions(n_clusters=3))  # fmt: skip
+    plan = Plan.build(config, k)
     images = torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     loader = [(images, torch.zeros(n, dtype=torch.long), torch.arange(n))]
-    probe = probe_runner(s, {l: members[0].layer_width(l) for l in s.layers}).run(members, loader, torch.device("cpu"))
-    return probe, s
+    probe = ProbeRunner(plan, {l: members[0].layer_width(l) for l in plan.layers}).run(members, loader, torch.device("cpu"))
+    return probe, plan
 
 
-def crash_on(layer: str, real):
-    """An analysis that raises on one layer (a real exception from inside the analysis)."""
+def crash_on(monkeypatch, name: str, layer: str) -> None:
+    """Analysis `name` raises on one layer (a real exception from inside the analysis)."""
+    from convergent.analysis.registry import REGISTRY
 
-    def run(report, at, ls, probe, s):
-        if at == layer:
+    analysis = REGISTRY.analyses[name]
+    real = analysis.run
+
+    def run(ctx):
+        if ctx.layer == layer:
             raise np.linalg.LinAlgError("SVD did not converge")
-        return real(report, at, ls, probe, s)
+        return real(ctx)
 
-    return run
+    monkeypatch.setattr(analysis, "run", run)
 
 
 def test_a_failing_analysis_is_reported_with_layer_and_step_and_the_rest_go_on(monkeypatch):
-    import convergent.pipeline as pipeline
+    from convergent.monitor.step import analyse
 
-    probe, s = tiny_probe()
-    monkeypatch.setitem(pipeline.LAYER_ANALYSES, "spectral", crash_on("conv3", pipeline.LAYER_ANALYSES["spectral"]))
-    report = pipeline.analyze(probe, s, step=7)
+    probe, plan = tiny_probe()
+    crash_on(monkeypatch, "spectral", "conv3")
+    report = analyse(probe, plan, step=7)
     assert report.failures == ["step 7: spectral on conv3 failed: LinAlgError: SVD did not converge"]
-    expected = pipeline.expected_scalar_keys(s)
+    expected = plan.declared_keys()
     lost = {k for k in expected if k.startswith("spectral/conv3/")}
     assert lost and set(report.scalars) == expected - lost  # every other analysis of every layer is there
     assert "spectral/conv1/shared_fraction" in report.scalars and "hier/conv3/cross_fraction" in report.scalars
@@ -253,21 +259,20 @@ def test_a_failing_analysis_during_training_is_in_the_end_summary(tmp_path, monk
     and step, training and the other analyses finish, summary.json lists the failures."""
     import logging
 
-    import convergent.pipeline as pipeline
-    from tests.inprocess import LIGHT, one_thread, read_metrics, train_in
+    from tests.support import LIGHT, read_metrics, single_thread, train_in
 
-    monkeypatch.setitem(pipeline.LAYER_ANALYSES, "cca", crash_on("conv3", pipeline.LAYER_ANALYSES["cca"]))
+    crash_on(monkeypatch, "mean_activation", "conv3")
     caplog.set_level(logging.INFO)
-    with one_thread():
+    with single_thread():
         summary = train_in(tmp_path, "debug=tiny", "logger=csv", "trainer.max_steps=3", *LIGHT)
     steps = [0, 1, 2, 3]
-    failures = [f"step {t}: cca on conv3 failed: LinAlgError: SVD did not converge" for t in steps]
+    failures = [f"step {t}: mean_activation on conv3 failed: LinAlgError: SVD did not converge" for t in steps]
     assert summary["global_step"] == 3 and summary["failed_analyses"] == failures
     assert json.loads((tmp_path / "summary.json").read_text())["failed_analyses"] == failures
     assert all(f"convergent: {f}" in caplog.text for f in failures)
     metrics = read_metrics(tmp_path)
-    assert sorted(metrics["cca/conv1/svcca"]) == steps and sorted(metrics["align/conv3/max_match"]) == steps
-    assert sorted(metrics["cka/conv3/linear"]) == steps and "cca/conv3/svcca" not in metrics
+    assert sorted(metrics["act/conv1/mean"]) == steps and sorted(metrics["align/conv3/max_match"]) == steps
+    assert sorted(metrics["cka/conv3/linear"]) == steps and "act/conv3/mean" not in metrics
     assert sorted(metrics["train/loss"]) == [1]  # logged every 2nd step, at global step - 1
 
 

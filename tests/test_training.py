@@ -12,19 +12,13 @@ import torch
 
 from convergent.data import Synthetic
 from convergent.ensemble import Ensemble, build_member, member_seeds
-from tests.conftest import run_cli
+from tests.support import run_cli
 
 MODEL = {"name": "alexnet_small", "width": 0.25, "groups": 1, "lrn": "after_pool", "dropout": 0.0, "batch_norm": False}
 TINY = ("debug=tiny", "callbacks=none")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """In-process trainings on one thread: on a loaded 2-core machine, two threads run ~5x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def synthetic(**kw) -> Synthetic:
