@@ -28,6 +28,7 @@ from convergent.plotting import OVER_TRAINING, collecting_young_garbage, over_tr
 from convergent.probe import ProbeOptions, ProbeRunner
 from convergent.settings import AnalysisSettings
 from convergent.sinks import RunSinks
+from convergent.wandb_workspace import log_over_training_charts
 
 GIB = 1024**3
 PER_PAIR = re.compile(r"/m\d+-m\d+$")
@@ -117,6 +118,8 @@ class ConvergenceMonitor(pl.Callback):
         self.analyse(trainer, pl_module)
         if trainer.is_global_zero and self.settings.figures != "none":
             self.write_over_training(trainer)
+        if trainer.is_global_zero:  # native W&B line charts of the same curves (convergent.wandb_workspace)
+            log_over_training_charts(trainer.loggers, self.history, self.settings.layers, int(trainer.global_step))
         trainer.convergent_failures = list(self.failures)
 
     def state_dict(self) -> dict[str, Any]:
