@@ -26,7 +26,9 @@ from tests.conftest import run_cli
 from tests.test_training import wandb_records
 
 PAIR = re.compile(r"/m\d+-m\d+$")
+# light: two analyses on two layers, no figures or step checkpoints, 5 steps (analysis at 0, 1, 2, 5)
 LIGHT = (
+    "trainer.max_steps=5",
     "analysis.analyses=[correlation,cka]",
     "analysis.layers=[conv1,fc6]",
     "analysis.figures=none",
@@ -100,7 +102,7 @@ def test_report_of_a_2x2_multirun_equals_the_runs_own_numbers(sweep, report):
         runs = [values_of(job) for job in members]
         assert set(runs[0]) == set(runs[1]) and runs[0]
         for key in runs[0]:
-            assert sorted(runs[0][key]) == sorted(runs[1][key]) == [0, 1, 2, 5, 10], key
+            assert sorted(runs[0][key]) == sorted(runs[1][key]) == [0, 1, 2, 5], key
             for step in runs[0][key]:
                 x = np.array([run[key][step] for run in runs])
                 expected[(group, key, step)] = (x.mean(), x.std(ddof=1), x.min(), x.max())
@@ -120,7 +122,7 @@ def test_report_of_a_2x2_multirun_equals_the_runs_own_numbers(sweep, report):
     with open(out / "final.csv", newline="") as f:
         final = {(r["group"], r["key"]): r for r in csv.DictReader(f)}
     for group, members in by_group.items():
-        last = [values_of(job)["cka/fc6/linear"][10] for job in members]
+        last = [values_of(job)["cka/fc6/linear"][5] for job in members]
         assert float(final[(group, "cka/fc6/linear")]["mean"]) == pytest.approx(np.mean(last), rel=1e-12)
         assert final[(group, "cka/fc6/linear")]["layer"] == "fc6"
     page = (out / "index.html").read_text()
@@ -178,7 +180,7 @@ def test_the_runs_wandb_configs_are_flat_grouped_named_and_per_pair_keys_hidden(
             for item in r.history.item
             if list(item.nested_key) == ["analysis/step"]
         ]
-        assert steps == [0, 1, 2, 5, 10]
+        assert steps == [0, 1, 2, 5]
         # the native over-training charts: one per measure (7), a line per layer and null
         charts = {
             item.nested_key[2]
@@ -210,13 +212,13 @@ def test_a_failed_run_is_listed_and_its_steps_counted_where_it_has_them(sweep, t
     with open(killed / "csv" / "metrics.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=header)
         writer.writeheader()
-        writer.writerows(r for r in rows if int(r["step"]) <= 2)  # killed after the step-2 analysis
+        writer.writerows(r for r in rows if int(r["step"]) <= 1)  # killed after the step-1 analysis
     assert report_main([str(folder), "--out", str(tmp_path / "out")]) == 0
     assert "failed or are incomplete" in capsys.readouterr().err
     with open(tmp_path / "out" / "runs.csv", newline="") as f:
         status = {Path(r["run_dir"]).name: r for r in csv.DictReader(f)}
     assert status["a"]["status"] == "ok" and status["b"]["status"] == "failed"
-    assert status["b"]["last_step"] == "2" and "5, 10" in status["b"]["detail"]
+    assert status["b"]["last_step"] == "1" and "2, 5" in status["b"]["detail"]
     page = (tmp_path / "out" / "index.html").read_text()
     section = page[page.index("Runs that failed") : page.index("Final values")]
     assert str(killed) in section and "failed" in section
@@ -225,7 +227,7 @@ def test_a_failed_run_is_listed_and_its_steps_counted_where_it_has_them(sweep, t
     assert {r["group"] for r in summary} == {"all"}  # only the seed differs
     for row in summary:
         key, step = row["key"], int(row["step"])
-        if step <= 2:
+        if step <= 1:
             assert row["n_runs"] == "2" and float(row["mean"]) == pytest.approx((a[key][step] + b[key][step]) / 2, rel=1e-12)
         else:
             assert (
@@ -380,6 +382,7 @@ def test_groups_drop_the_seed_and_what_every_run_shares(tmp_path):
     report = build_report([tmp_path])
     assert report.group_sizes == {"model.width=0.25": 2, "model.width=0.5": 1}
     assert report.grouping.common == ("debug=tiny",)
+    assert build_report([tmp_path, tmp_path / "0"]).group_sizes == report.group_sizes  # a run given twice counts once
     only_seeds = tmp_path / "seeds"
     for seed in (0, 1):
         write_run(only_seeds / str(seed), ["debug=tiny", f"seed={seed}"], row, finished=seed == 0)

@@ -51,8 +51,12 @@ class Report:
 def build_report(paths: Sequence[Path]) -> Report:
     """Raises ReportError for a path that does not exist or holds no run."""
     dirs: list[Path] = []
+    seen: set[Path] = set()
     for path in paths:
-        dirs.extend(d for d in find_run_dirs(Path(path)) if d not in dirs)
+        for d in find_run_dirs(Path(path)):
+            if d.resolve() not in seen:  # a run given twice (a folder and a run inside it) counts once
+                seen.add(d.resolve())
+                dirs.append(d)
     runs = [load_run(d) for d in dirs]
     grouping = group_runs(runs)
     layers = list(dict.fromkeys(layer for run in runs for layer in run.layers))
