@@ -25,6 +25,7 @@ from convergent.callbacks.checkpointing import ends_epoch, save_checkpoint_atomi
 from convergent.callbacks.schedule import Schedule
 from convergent.models import receptive_field
 from convergent.monitor.service import StepAbandoned, StepService
+from convergent.wandb_workspace import log_over_training_charts
 
 
 class ConvergenceMonitor(pl.Callback):
@@ -100,6 +101,8 @@ class ConvergenceMonitor(pl.Callback):
             timings = {f"monitor/seconds/{k}": v for k, v in service.timings().items()}
             service.writer.scalars(timings, int(trainer.global_step))
             rank_zero_info("convergent: monitor time " + ", ".join(f"{k} {v:.1f}s" for k, v in service.timings().items()))
+            # native W&B line charts of the over-training curves (convergent.wandb_workspace)
+            log_over_training_charts(trainer.loggers, service.history, self.plan.layers, int(trainer.global_step))
         service.close()
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:

@@ -8,7 +8,6 @@ between the jobs of a multirun.
 from __future__ import annotations
 
 import csv
-import netrc
 import os
 from pathlib import Path
 
@@ -17,29 +16,7 @@ from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
-WANDB_MODES = ("online", "offline", "disabled")
-
-
-def has_wandb_key() -> bool:
-    """An API key in the environment or in ~/.netrc (where `wandb login` puts it)."""
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    path = os.environ.get("NETRC", os.path.expanduser("~/.netrc"))
-    try:
-        auth = netrc.netrc(path).authenticators(os.environ.get("WANDB_BASE_URL", "api.wandb.ai").split("//")[-1])
-    except (OSError, netrc.NetrcParseError):
-        return False
-    return bool(auth and auth[2])
-
-
-def resolve_wandb_mode(requested: str | None) -> str:
-    """Config first, then WANDB_MODE, then online only when a key is configured."""
-    mode = requested or os.environ.get("WANDB_MODE") or ("online" if has_wandb_key() else "offline")
-    if mode == "dryrun":
-        mode = "offline"
-    if mode not in WANDB_MODES:
-        raise ValueError(f"logger.wandb.mode={mode!r} is not one of {WANDB_MODES}")
-    return mode
+from convergent.wandb_mode import WANDB_MODES, has_wandb_key, resolve_wandb_mode  # noqa: F401 - public here too
 
 
 def _wandb_settings(wb: dict):
@@ -101,16 +78,18 @@ def build_loggers(
     run_name: str | None,
     run_id: str | None = None,
     resume_step: int = -1,
+    job_type: str | None = None,
 ) -> list[Logger]:
     """CSV mirror (run_dir/csv/metrics.csv) and W&B (run_dir/wandb/). `resume_step`: the global
-    step of the checkpoint the run resumes from (-1: none); the CSV keeps its rows up to it."""
+    step of the checkpoint the run resumes from (-1: none); the CSV keeps its rows up to it.
+    `config` goes to W&B as given (convergent-train passes it flat: `convergent.sweep.flat_config`)."""
     loggers: list[Logger] = []
     if cfg.get("csv"):
         loggers.append(ContinuingCSVLogger(save_dir=str(run_dir), name="", version="csv", keep_through=resume_step))
     wb = cfg.get("wandb")
     if wb:
         mode = resolve_wandb_mode(wb.get("mode"))
-        logger = WandbLogger(
+        logger = FlatWandbLogger(
             project=wb.get("project") or "convergent",
             entity=wb.get("entity"),
             group=wb.get("group") or group,
@@ -121,6 +100,7 @@ def build_loggers(
             save_dir=str(run_dir),
             mode=mode,
             config=config,
+            job_type=job_type,
             settings=_wandb_settings(wb),
         )
         if mode == "offline" and not wb.get("mode") and not os.environ.get("WANDB_MODE"):
@@ -131,6 +111,20 @@ def build_loggers(
         if start_or_warn(logger, mode):
             loggers.append(logger)
     return loggers
+
+
+class FlatWandbLogger(WandbLogger):
+    """Lightning logs the module's hyperparameters (`model`, `k`, `seeds`, ...) into the W&B
+    config as nested dictionaries, which W&B would show as `model.width` beside the run config's
+    own flat `model.width`; they go in flat, under `module.` (`module.model.width`, `module.seeds`)."""
+
+    def log_hyperparams(self, params) -> None:
+        from argparse import Namespace
+
+        from convergent.sweep import flat_config
+
+        params = vars(params) if isinstance(params, Namespace) else dict(params)
+        super().log_hyperparams(flat_config(params, prefix="module."))
 
 
 def start_or_warn(logger: WandbLogger, mode: str) -> bool:

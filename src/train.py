@@ -22,7 +22,6 @@ import hydra
 import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities.exceptions import SIGTERMException
@@ -33,6 +32,7 @@ from convergent.ensemble import Ensemble
 from convergent.errors import ConfigError
 from convergent.loggers import build_loggers
 from convergent.runinfo import RunInfo, resume_argv, summarize
+from convergent.sweep import sweep_identity
 
 log = logging.getLogger("convergent")
 
@@ -101,17 +101,17 @@ def train(cfg: DictConfig) -> dict:
     info = RunInfo.load_or_create(run_dir)
     ckpt_path = job.conf.ckpt_path or info.last_checkpoint()
     resume_step = checkpoint_step(ckpt_path) if ckpt_path else -1
-    group = None
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        group = Path(HydraConfig.get().sweep.dir).name
+    # W&B group (the sweep), run name (what the sweep varies) and the config as a flat dict
+    sweep = sweep_identity(OmegaConf.to_container(cfg, resolve=True), run_dir, cfg.run_name, fresh=info.last_checkpoint() is None)
     loggers = build_loggers(
         asdict(job.conf.logger),
         run_dir,
-        OmegaConf.to_container(cfg, resolve=True),
-        group,
-        job.conf.run_name,
+        sweep.config,
+        sweep.group,
+        sweep.name,
         run_id=info.wandb_id,
         resume_step=resume_step,
+        job_type="train",
     )
     launch_env = {key: os.environ.get(key) for key in DDP_ENV}
     trainer_cfg = trainer_arguments(cfg)

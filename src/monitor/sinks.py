@@ -22,6 +22,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from convergent.loggers import wandb_logger
+from convergent.wandb_workspace import wandb_scalars
 
 
 def _atomic_path(path: Path):
@@ -69,7 +70,7 @@ class RunSinks:
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         for logger in self.loggers:
-            logger.log_metrics(dict(values), step=step)
+            logger.log_metrics(wandb_scalars(logger, values, step) if logger is self.wandb else dict(values), step=step)
         for logger in self.loggers:
             logger.save()
 
