@@ -142,6 +142,17 @@ def test_report_of_a_2x2_multirun_equals_the_runs_own_numbers(sweep, report):
     assert {"report/summary", "report/final", "report/runs", "report/fig/align/semi_match", "report/page"} <= logged
 
 
+def declared_keys(job) -> set[str]:
+    """Every scalar key the run's own config declares (the plan of its analyses)."""
+    from omegaconf import OmegaConf
+
+    from convergent.analysis.plan import Plan
+    from convergent.config import validate
+
+    conf = validate(OmegaConf.load(job / ".hydra" / "config.yaml"))
+    return Plan.build(conf.analysis, k=conf.ensemble.k).declared_keys()
+
+
 @pytest.mark.subprocess
 def test_the_runs_wandb_configs_are_flat_grouped_named_and_per_pair_keys_hidden(sweep):
     _tmp, sweep_dir, jobs = sweep
@@ -166,7 +177,9 @@ def test_the_runs_wandb_configs_are_flat_grouped_named_and_per_pair_keys_hidden(
         header, _ = metrics_csv(job)
         per_pair = [k for k in header if PAIR.search(k)]
         headline = [k for k in header if k.split("/")[0] in ("align", "cka") and not PAIR.search(k)]
-        assert len(per_pair) == 2 * 7 * 3 and len(headline) == 2 * (7 + 4)
+        declared = declared_keys(job)
+        assert set(per_pair) == {k for k in declared if PAIR.search(k) and k.split("/")[0] in ("align", "cka")}
+        assert set(headline) == {k for k in declared if not PAIR.search(k) and k.split("/")[0] in ("align", "cka")}
         for key in per_pair:
             assert key in defined and defined[key].options.hidden, key
         for key in headline:
@@ -189,15 +202,18 @@ def test_the_runs_wandb_configs_are_flat_grouped_named_and_per_pair_keys_hidden(
             for item in r.config.update
             if list(item.nested_key[:2]) == ["_wandb", "visualize"]
         }
-        assert {"over_training/align/semi_match", "over_training/cka/linear"} <= charts and len(charts) == 7
+        measures = {f"over_training/{k.split('/')[0]}/{k.split('/')[2]}" for k in headline if len(k.split("/")) == 3}
+        # the score above chance has a chart of its own (convergent.report.keys: its role is "score")
+        measures |= {f"over_training/{k.split('/')[0]}/{k.split('/')[2]}/above_null" for k in headline if k.endswith("/above_null")}
+        assert {"over_training/align/semi_match", "over_training/cka/linear"} <= charts and charts == measures
     # the chart's points are the run's own values (last job)
     table = next(run.glob("files/media/table/over_training/align/semi_match_table_*.table.json"))
     points = json.loads(table.read_text())["data"]
-    assert {line for _, line, _ in points} == {"conv1", "fc6", "conv1 null", "fc6 null"}
+    assert {line for _, line, _ in points} == {"conv1", "fc6", "conv1 null", "fc6 null", "conv1 null_p95", "fc6 null_p95"}
     logged = values_of(job)
     for step, line, value in points:
         layer, *null = line.split(" ")
-        assert value == pytest.approx(logged[f"align/{layer}/semi_match" + ("/null" if null else "")][step], rel=1e-12)
+        assert value == pytest.approx(logged[f"align/{layer}/semi_match" + (f"/{null[0]}" if null else "")][step], rel=1e-12)
 
 
 @pytest.mark.subprocess
