@@ -33,11 +33,17 @@ def tiny_run(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("tiny")
     run_dir = tmp / "run"
-    proc = run_cli("train", "debug=tiny", f"hydra.run.dir={run_dir}", cwd=tmp)
+    plugins = Path(__file__).resolve().parent / "plugins"  # a module outside the package: toy_measure
+    proc = run_cli("train", "debug=tiny", "analysis.plugins=[toy_measure]", f"hydra.run.dir={run_dir}", cwd=tmp, PYTHONPATH=plugins)
     return run_dir, proc
 
 
 def plan_of(run_dir: Path) -> Plan:
+    import sys
+
+    plugins = str(Path(__file__).resolve().parent / "plugins")
+    if plugins not in sys.path:  # the run's analysis.plugins
+        sys.path.insert(0, plugins)
     conf = validate(OmegaConf.load(run_dir / ".hydra" / "config.yaml"))
     return Plan.build(conf.analysis, k=conf.ensemble.k)
 
@@ -50,6 +56,8 @@ def test_every_key_is_logged_at_every_analysis_step(tiny_run):
     missing = sorted(k for k in expected if k not in metrics)
     assert not missing, f"keys never logged: {missing[:10]}"
     for key in expected:
+        if key.startswith("toy/") and key.endswith("/above_null"):
+            continue  # the toy measure's null equals its perfect value 1: no score above chance is defined
         assert sorted(metrics[key]) == steps, f"{key} logged at {sorted(metrics[key])}"
         assert all(np.isfinite(v) for v in metrics[key].values())
     unexpected = sorted(
@@ -90,7 +98,8 @@ def test_analyze_reproduces_the_logged_values(tiny_run, tmp_path):
 
     run_dir, _ = tiny_run
     out = tmp_path / "posthoc"
-    run_cli("analyze", str(run_dir / "checkpoints" / "last.ckpt"), "--out", str(out), cwd=tmp_path)
+    plugins = Path(__file__).resolve().parent / "plugins"
+    run_cli("analyze", str(run_dir / "checkpoints" / "last.ckpt"), "--out", str(out), cwd=tmp_path, PYTHONPATH=plugins)
     logged = read_metrics(run_dir)
     with open(out / "scalars.csv") as f:
         rows = list(csv.DictReader(f))
@@ -117,3 +126,16 @@ def test_summary_shows_the_final_alignment_equal_to_the_logged_values(tiny_run):
             for suffix in ("", "/null", "/null_p95", "/above_null", "/ci_lo", "/ci_hi"):
                 assert alignment[key + suffix] == metrics[key + suffix][max(metrics[key + suffix])], key + suffix
     assert "alignment at the last step" in proc.stdout
+
+
+def test_a_measure_from_a_plugin_module_is_logged_and_drawn(tiny_run):
+    """register_measure("toy/pair_sum", lambda stats, a, b: a + b) in a module outside the package,
+    run with analysis.plugins=[that_module]: its keys for every analysed layer, and its figure."""
+    run_dir, _ = tiny_run
+    metrics = read_metrics(run_dir)
+    for layer in plan_of(run_dir).layers:
+        key = f"toy/{layer}/pair_sum"
+        for step in (0, 1, 2, 5, 10):
+            assert metrics[f"{key}/m0-m1"][step] == 1.0 and metrics[f"{key}/m1-m2"][step] == 3.0
+            assert metrics[key][step] == pytest.approx(2.0)  # the mean of 1, 2 and 3
+    assert (run_dir / "figures" / "over_training" / "toy_pair_sum" / "step=10.png").stat().st_size > 1000

@@ -2,7 +2,7 @@
 
 Every function takes torch tensors (numpy arrays too, for the matrix functions) or
 `convergent.stats.MomentStats`, and returns numbers, tensors/arrays or small result objects,
-never plots. See README "Using the analyses on your own activations".
+never plots. See README "Using the analyses on your own activations" and "Adding a measure".
 """
 
 from convergent.analysis.clustering import (
@@ -14,8 +14,6 @@ from convergent.analysis.clustering import (
 )
 from convergent.analysis.matching import max_match, permute_to_matching, same_pair_fraction, semi_match, within_max
 from convergent.analysis.measures import (
-    MEASURES,
-    Measure,
     SampleSizeWarning,
     canonical_correlations,
     cca,
@@ -27,12 +25,23 @@ from convergent.analysis.measures import (
     stats_from_arrays,
     svcca,
 )
+from convergent.analysis.calibration import Calibrated, calibrate, jackknife_interval
 from convergent.analysis.mutual_info import mi_semi_match, mutual_information, mutual_information_from_arrays
+from convergent.analysis.registry import REGISTRY, Analysis, Measure, Needs, Output, Result, register_analysis, register_measure
 from convergent.analysis.sparse import SparsePrediction, sparse_prediction
 
 __all__ = [
-    "MEASURES",
+    "REGISTRY",
+    "Analysis",
+    "Calibrated",
     "Measure",
+    "Needs",
+    "Output",
+    "Result",
+    "calibrate",
+    "jackknife_interval",
+    "register_analysis",
+    "register_measure",
     "SampleSizeWarning",
     "SparsePrediction",
     "canonical_correlations",

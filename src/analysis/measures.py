@@ -6,7 +6,7 @@ probe samples) and ``a``, ``b`` are net indices inside it. The same function the
 members of an ensemble, two layers of one net, or a permutation-null pair: the caller just builds
 different stats. All arithmetic is float64 on the stats' device; the result is a Python float.
 
-Measures (see :data:`MEASURES` for their declared properties):
+Measures (registered, with their declared properties, in `convergent.analysis.builtin.similarity`):
 
 * :func:`linear_cka` - linear CKA (Kornblith et al. 2019), biased (``debiased=False``) or with the
   unbiased HSIC estimator of Song et al. 2012 (``debiased=True``, as Kornblith's
@@ -42,10 +42,7 @@ __all__ = [
     "DEFAULT_EPSILON",
     "DEFAULT_KEEP",
     "DEFAULT_RANK_TOL",
-    "INVARIANCES",
-    "MEASURES",
     "CCAResult",
-    "Measure",
     "SampleSizeWarning",
     "canonical_correlations",
     "cca",
@@ -69,8 +66,6 @@ DEFAULT_EPSILON = 1e-6
 DEFAULT_RANK_TOL = 1e-10
 #: SVCCA: fraction of each net's variance kept by its top principal directions (Raghu et al.).
 DEFAULT_KEEP = 0.99
-
-INVARIANCES = frozenset({"permutation", "orthogonal", "isotropic_scaling", "invertible_linear", "translation"})
 
 
 class SampleSizeWarning(UserWarning):
@@ -394,60 +389,6 @@ def procrustes_distance(stats: MomentStats, a: int, b: int, squared: bool = Fals
     (``squared=True``: ``2 - 2 procrustes``, in [0, 2]). All-dead net: sqrt(2)."""
     d2 = max(0.0, 2.0 - 2.0 * procrustes(stats, a, b))
     return d2 if squared else math.sqrt(d2)
-
-
-# --------------------------------------------------------------------------------------------------
-# registry
-# --------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Measure:
-    """A similarity measure and its declared properties.
-
-    ``invariances``: transformations T (subset of :data:`INVARIANCES`, each listed explicitly even
-    when implied by another) with ``fn(X, T(Y)) == fn(X, Y) == fn(T(X), Y)`` for T applied to the
-    units of either net: "permutation" of units, "orthogonal" maps, "isotropic_scaling" (x -> c x),
-    "invertible_linear" maps, "translation" (x -> x + t). ``self_similarity``: value of
-    ``fn(X, X)`` for a non-degenerate X (exact up to the CCA ridge). ``value_range``: bounds of
-    the value. ``needs_cka_sums``: needs ``Moments(cka_sums=True)``.
-    """
-
-    name: str
-    fn: Callable[..., float]
-    higher_is_similar: bool
-    invariances: frozenset[str]
-    symmetric: bool
-    self_similarity: float
-    value_range: tuple[float, float] = (0.0, 1.0)
-    needs_cka_sums: bool = False
-
-    def __post_init__(self) -> None:
-        unknown = self.invariances - INVARIANCES
-        if unknown:
-            raise ValueError(f"unknown invariances {sorted(unknown)}; choose from {sorted(INVARIANCES)}")
-
-    def __call__(self, stats: MomentStats, a: int, b: int, **options) -> float:
-        return self.fn(stats, a, b, **options)
-
-
-_CKA_INV = frozenset({"permutation", "orthogonal", "isotropic_scaling", "translation"})
-_CCA_INV = INVARIANCES
-
-MEASURES: dict[str, Measure] = {
-    m.name: m
-    for m in [
-        Measure("linear_cka", linear_cka, True, _CKA_INV, True, 1.0),
-        Measure("linear_cka_debiased", linear_cka_debiased, True, _CKA_INV, True, 1.0, (-1.0, 1.0), True),
-        Measure("cca", cca, True, _CCA_INV, True, 1.0),
-        # not invertible_linear: the principal-subspace truncation depends on the variance spectrum
-        Measure("svcca", svcca, True, _CKA_INV, True, 1.0),
-        # not orthogonal: the weights are L1 sums over net a's units
-        Measure("pwcca", pwcca, True, frozenset({"permutation", "isotropic_scaling", "translation"}), False, 1.0),
-        Measure("procrustes", procrustes, True, _CKA_INV, True, 1.0),
-        Measure(
-            "procrustes_distance", procrustes_distance, False, _CKA_INV, True, 0.0, (0.0, math.sqrt(2.0))
-        ),
-    ]
-}
 
 
 # --------------------------------------------------------------------------------------------------

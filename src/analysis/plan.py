@@ -108,6 +108,8 @@ class Plan:
             for name in sorted(chosen):
                 if name not in REGISTRY.analyses:
                     raise ConfigError(f"analysis.analyses: unknown analysis {name!r}; valid analyses: {', '.join(valid)}")
+        # a plugin listed in analysis.plugins is asked for: its measures run even with an explicit list
+        chosen |= {m.analysis for m in REGISTRY.measures.values() if m.module in config.plugins}
         if k < 2 and chosen:
             raise ConfigError(
                 f"ensemble.k={k}: between-net analyses need at least 2 members; set ensemble.k>=2 or callbacks=none"

@@ -28,6 +28,7 @@ itself: the measure-property tests are generated from these declarations).
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -142,7 +143,8 @@ class Measure:
     used for the layer x layer view and layer identification. Properties (ReSi-style, the tests are
     generated from them): ``higher_is_similar``; ``invariances``, transformations T of either net's
     units (a subset of `INVARIANCES`) with fn(X, T(Y)) == fn(X, Y); ``symmetric``;
-    ``self_similarity`` (fn(X, X) for non-degenerate X); ``value_range``; ``needs_cka_sums``.
+    ``self_similarity`` (fn(X, X) for non-degenerate X); ``value_range``; ``needs_cka_sums``;
+    ``ignores_dead`` (adding units that never fire leaves the value unchanged).
     """
 
     name: str
@@ -157,7 +159,9 @@ class Measure:
     self_similarity: float | None = 1.0
     value_range: tuple[float, float] = (-math.inf, math.inf)
     needs_cka_sums: bool = False
+    ignores_dead: bool = True  # dead (zero-variance) units of either net leave the value unchanged
     description: str = ""
+    module: str = ""  # the module that registered it (a plugin's measures run whenever it is listed)
 
     def __post_init__(self) -> None:
         family, sep, short = self.name.partition("/")
@@ -237,12 +241,13 @@ def register_measure(name: str, fn: Callable[..., float] | None = None, **proper
     ``register_measure(name, fn, ...)`` or as a decorator ``@register_measure(name, ...)``.
     ``properties``: the fields of `Measure` (perfect, higher_is_similar, invariances, ...).
     Registering a name again replaces the measure (a reloaded plugin)."""
+    module = sys._getframe(1).f_globals.get("__name__", "")
 
     def add(f: Callable[..., float]) -> Callable[..., float]:
         if not callable(f):
             raise TypeError(f"register_measure({name!r}, fn): fn must be callable, got {type(f).__name__}")
         inv = properties.pop("invariances", frozenset())
-        REGISTRY.add_measure(Measure(name, f, invariances=frozenset(inv), **properties))
+        REGISTRY.add_measure(Measure(name, f, invariances=frozenset(inv), module=module, **properties))
         return f
 
     return add if fn is None else add(fn)

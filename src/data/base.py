@@ -89,7 +89,8 @@ class ClassificationData(pl.LightningDataModule):
 
     def probe_set(self, probe_size: int, seed: int = 0) -> Subset:
         """The probe images (validation transform); probe image i is ``probe_set(...)[i]``."""
-        return Subset(self.val_set, self.probe_indices(probe_size, seed))
+        indices = self.probe_indices(probe_size, seed)  # (sets the data up first)
+        return Subset(self.val_set, indices)
 
     def probe_dataloader(self, probe_size: int, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0) -> DataLoader:
         """This process's probe batches: whole batches of consecutive probe images (the same batches

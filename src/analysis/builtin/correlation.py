@@ -67,13 +67,22 @@ def max_match_live(stats: MomentStats, a: int, b: int) -> float:
 
 
 _MATCH = dict(analysis="correlation", invariances=_CORR_INVARIANCES, symmetric=False, value_range=(-1.0, 1.0))
-register_measure("align/semi_match", semi_match_score, description="mean over a's units of the best correlation with any unit of b (row argmax)", **_MATCH)
-register_measure("align/max_match", max_match_score, description="mean matched correlation of the one-to-one (Hungarian) matching", **_MATCH)
+# semi_match and max_match count a dead unit as a unit with correlation 0 (the paper's definition);
+# the _live versions leave dead units out
+register_measure(
+    "align/semi_match",
+    semi_match_score,
+    description="mean over a's units of the best correlation with any unit of b (row argmax)",
+    **{**_MATCH, "ignores_dead": False},
+)
+register_measure(
+    "align/max_match", max_match_score, description="mean matched correlation of the one-to-one (Hungarian) matching", **{**_MATCH, "symmetric": True, "ignores_dead": False}
+)
 register_measure(
     "align/semi_match_live", semi_match_live, description="semi_match over live units of both nets (dead units left out)", **_MATCH
 )
 register_measure(
-    "align/max_match_live", max_match_live, description="max_match over live units of both nets (dead units left out)", **_MATCH
+    "align/max_match_live", max_match_live, description="max_match over live units of both nets (dead units left out)", **{**_MATCH, "symmetric": True}
 )
 
 
