@@ -9,9 +9,7 @@ refreshes `checkpoints/last.ckpt`), so every logged point can be reproduced with
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -20,7 +18,7 @@ from typing import Any
 import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_info
 
-from convergent.callbacks.checkpointing import ends_epoch, save_checkpoint_atomic
+from convergent.callbacks.checkpointing import ends_epoch, save_step_checkpoints
 from convergent.callbacks.schedule import Schedule
 from convergent.config import ConfigError
 from convergent.pipeline import analyze
@@ -180,15 +178,7 @@ class ConvergenceMonitor(pl.Callback):
 
     def save_checkpoints(self, trainer, step: int) -> None:
         """The checkpoint of this analysis step, also as last.ckpt (resume after this step)."""
-        ckpt_dir = self.run_dir / "checkpoints"
-        save_checkpoint_atomic(trainer, ckpt_dir / "last.ckpt")
-        if self.settings.save_checkpoints and trainer.is_global_zero:
-            # a copy (not a link: last.ckpt may later be rewritten in place), renamed atomically
-            kept = ckpt_dir / "analysis" / f"step={step}.ckpt"
-            kept.parent.mkdir(parents=True, exist_ok=True)
-            tmp = kept.with_name(f".tmp-{kept.name}")
-            shutil.copyfile(ckpt_dir / "last.ckpt", tmp)
-            os.replace(tmp, kept)
+        save_step_checkpoints(trainer, self.run_dir / "checkpoints", step, self.settings.save_checkpoints)
 
     def write_over_training(self, trainer) -> None:
         sinks = RunSinks(self.run_dir, trainer.loggers)
