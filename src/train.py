@@ -109,10 +109,12 @@ def train(cfg: DictConfig) -> dict:
 
 def _train(cfg: DictConfig, run_dir: Path) -> dict:
     start = time.time()
-    job = prepare(cfg, run_dir)
-
     trust = bool(cfg.get("trust_checkpoint", False))
     ckpt_path = cfg.ckpt_path or RunInfo.existing_checkpoint(run_dir)
+    if ckpt_path and Path(ckpt_path).is_file():  # first: a refusal is the only line printed
+        checkpoint_io.check(ckpt_path, trust=trust, trust_flag="trust_checkpoint=true")
+    job = prepare(cfg, run_dir)
+
     resume_step = -1
     if ckpt_path:  # weights-only (refused in one line if it needs more) unless trust_checkpoint=true
         state = checkpoint_io.load(ckpt_path, trust=trust, trust_flag="trust_checkpoint=true", mmap=True)
