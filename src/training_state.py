@@ -49,7 +49,8 @@ def finished_message(checkpoint: dict, trainer_cfg: dict, run_dir: Path, resumed
     reason = finished(checkpoint, trainer_cfg)
     if reason is None:
         return None
-    at = f"step {int(checkpoint.get('global_step', 0))}, {epochs_processed(checkpoint)} epochs"
+    epochs = epochs_processed(checkpoint)
+    at = f"step {int(checkpoint.get('global_step', 0))}, {epochs} epoch{'' if epochs == 1 else 's'}"
     more = "trainer.max_epochs=<more> (or trainer.max_steps=<more>)"
     if resumed:
         return (
