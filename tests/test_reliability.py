@@ -208,6 +208,7 @@ def test_kills_in_every_write_window_sigterm_and_requeue_resume_with_every_analy
     assert lines[0].startswith(f"error: run directory {run_dir} is in use by pid {proc.pid} on host {host}"), lines[0]
     assert f"`kill {proc.pid}` on {host}" in lines[0]
     assert took < 5, f"the second process took {took:.1f} s to be refused"
+    print(f"second process refused in {took:.2f} s")
     fifo.leave_what_was_written()
     assert ckpt_step(ckpt) == 8 and not (run_dir / "checkpoints" / "analysis" / "step=10.ckpt").exists()
     first_id = json.loads((run_dir / "run.json").read_text())["wandb_id"]
@@ -273,6 +274,7 @@ def test_kills_in_every_write_window_sigterm_and_requeue_resume_with_every_analy
     # checkpoint would satisfy this too: then the check is weaker, not wrong)
     assert ckpt_step(ckpt) == reached, "last.ckpt is not at the step the run reached"
     assert ckpt.stat().st_mtime >= sent - 0.01, "last.ckpt was not written after the SIGTERM"
+    assert torch.serialization.get_unsafe_globals_in_checkpoint(str(ckpt)) == []  # loads weights-only
 
     # 5. a requeued job: the same command again, no resume=
     proc = run_cli("train", *args, cwd=tmp_path)
@@ -297,6 +299,8 @@ def test_kills_in_every_write_window_sigterm_and_requeue_resume_with_every_analy
         with np.load(run_dir / "analysis" / f"step={step}.npz") as npz:
             assert np.isfinite(npz["conv1/corr/m0-m1"]).all()
         assert ckpt_step(run_dir / "checkpoints" / "analysis" / f"step={step}.ckpt") == step
+    for path in run_dir.rglob("*.ckpt"):
+        assert torch.serialization.get_unsafe_globals_in_checkpoint(str(path)) == [], path
     leftovers = [p for p in run_dir.rglob("*") if p.name.startswith(".tmp-") and "wandb" not in p.parts]
     assert not leftovers, leftovers
     assert not (run_dir / "run.lock").exists()
