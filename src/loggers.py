@@ -18,7 +18,7 @@ from pathlib import Path
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.loggers.logger import rank_zero_experiment
-from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
 WANDB_MODES = ("online", "offline", "disabled")
 WANDB_ENV = ("WANDB_DATA_DIR",)  # set per job by build_loggers; restored after the job
@@ -116,6 +116,12 @@ class ContinuingCSVLogger(CSVLogger):
     def __init__(self, *args, keep_through: int = -1, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._keep_through = int(keep_through)
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        if step is None:  # Lightning's CSVLogger would number the row by its buffer position instead
+            raise ValueError(f"CSV rows need their step; got metrics {sorted(metrics)[:5]} without one")
+        super().log_metrics(metrics, step)
 
     @property
     @rank_zero_experiment
