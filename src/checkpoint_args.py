@@ -40,7 +40,9 @@ def checkpoints_in(path: Path) -> list[Path]:
     if is_run_dir(path):
         last = path / "checkpoints" / "last.ckpt"
         if not last.is_file():
-            raise ConfigError(f"run directory {path} holds no checkpoints/last.ckpt; pass one of its checkpoints/analysis/step=<n>.ckpt")
+            raise ConfigError(
+                f"run directory {path} holds no checkpoints/last.ckpt; pass one of its checkpoints/analysis/step=<n>.ckpt"
+            )
         return [last]
     found = sorted((p for p in path.glob("*.ckpt") if p.is_file()), key=natural_key)
     if not found:
