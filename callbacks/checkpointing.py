@@ -10,6 +10,7 @@ continues from it.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -26,6 +27,27 @@ def save_checkpoint_atomic(trainer: pl.Trainer, path: Path) -> None:
     trainer.save_checkpoint(str(tmp), weights_only=False)  # rank 0 writes, then a barrier
     if trainer.is_global_zero:
         os.replace(tmp, path)
+
+
+def save_step_checkpoints(trainer: pl.Trainer, ckpt_dir: Path, step: int, keep: bool) -> None:
+    """The checkpoints of analysis step `step`: `analysis/step=<step>.ckpt` (when `keep`), then the
+    same bytes as `last.ckpt`, each written atomically (every rank calls this). In this order a
+    kill between the two leaves last.ckpt at the previous checkpoint, so the resumed run analyses
+    this step again and rewrites its checkpoint: every logged step keeps the checkpoint of the
+    values logged. (The other order could leave a step logged and resumed past without its own.)"""
+    ckpt_dir = Path(ckpt_dir)
+    last = ckpt_dir / "last.ckpt"
+    if not keep:
+        save_checkpoint_atomic(trainer, last)
+        return
+    kept = ckpt_dir / "analysis" / f"step={step}.ckpt"
+    save_checkpoint_atomic(trainer, kept)
+    if trainer.is_global_zero:
+        # a copy (not a link: the next analysis step rewrites last.ckpt), renamed atomically
+        tmp = last.with_name(f".tmp-{last.name}")
+        with open(kept, "rb") as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        os.replace(tmp, last)
 
 
 def ends_epoch(trainer: pl.Trainer, batch_idx: int) -> bool:

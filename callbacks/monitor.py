@@ -11,8 +11,6 @@ run analyses that step first.
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +19,7 @@ from pytorch_lightning.utilities import rank_zero_info
 
 from convergent.analysis.config import AnalysisConfig
 from convergent.analysis.plan import Plan
-from convergent.callbacks.checkpointing import ends_epoch, save_checkpoint_atomic
+from convergent.callbacks.checkpointing import ends_epoch, save_step_checkpoints
 from convergent.callbacks.schedule import Schedule
 from convergent.models import receptive_field
 from convergent.monitor.service import StepAbandoned, StepService
@@ -183,12 +181,4 @@ class ConvergenceMonitor(pl.Callback):
 
     def save_checkpoints(self, trainer, step: int) -> None:
         """The checkpoint of this analysis step, also as last.ckpt (resume after this step)."""
-        ckpt_dir = self.run_dir / "checkpoints"
-        save_checkpoint_atomic(trainer, ckpt_dir / "last.ckpt")
-        if self.config.save_checkpoints and trainer.is_global_zero:
-            # a copy (not a link: last.ckpt may later be rewritten in place), renamed atomically
-            kept = ckpt_dir / "analysis" / f"step={step}.ckpt"
-            kept.parent.mkdir(parents=True, exist_ok=True)
-            tmp = kept.with_name(f".tmp-{kept.name}")
-            shutil.copyfile(ckpt_dir / "last.ckpt", tmp)
-            os.replace(tmp, kept)
+        save_step_checkpoints(trainer, self.run_dir / "checkpoints", step, self.config.save_checkpoints)

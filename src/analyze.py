@@ -47,21 +47,19 @@ def default_config() -> DictConfig:
     )
 
 
-def load_members(checkpoints: list[Path]) -> tuple[list[torch.nn.Module], int]:
-    from convergent.ensemble import Ensemble
+def load_members(checkpoints: list[Path], trust: bool = False) -> tuple[list[torch.nn.Module], int]:
+    from convergent.checkpoint_io import load_ensemble
 
     members, steps = [], []
     for path in checkpoints:
-        if not path.exists():
-            raise ConfigError(f"checkpoint {path} does not exist; pass a .ckpt written by convergent-train")
-        ensemble = Ensemble.load_from_checkpoint(str(path), map_location="cpu", weights_only=False)
+        ensemble, step = load_ensemble(path, trust=trust)  # weights-only unless trusted (--trust-checkpoint)
         members.extend(ensemble.members)
-        steps.append(int(torch.load(str(path), map_location="cpu", weights_only=False).get("global_step", 0)))
+        steps.append(step)
     return members, steps[0]
 
 
 def analyze_checkpoints(
-    checkpoints: list[Path], overrides: list[str], out_dir: Path | None = None, loggers=(), device: str | None = None
+    checkpoints: list[Path], overrides: list[str], out_dir: Path | None = None, loggers=(), device: str | None = None, trust: bool = False
 ) -> dict:
     """Run every configured analysis on the checkpoints' members (as at a full step) through the
     same step service as the live monitor; write the same files under `out_dir`. Returns
@@ -79,7 +77,7 @@ def analyze_checkpoints(
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
     except Exception as e:  # a malformed key=value
         raise ConfigError(f"could not apply overrides {overrides}: {e}") from None
-    members, step = load_members(checkpoints)
+    members, step = load_members(checkpoints, trust)
     conf = typed(OmegaConf.create({"analysis": cfg.analysis, "data": cfg.data}))
     analysis = OmegaConf.to_object(conf.analysis)
     plan = Plan.build(analysis, k=len(members))
@@ -120,24 +118,25 @@ def analyze_checkpoints(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="convergent-analyze", description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoints", nargs="+", help="checkpoint files, then optional key=value overrides")
+    parser.add_argument("checkpoints", nargs="+", help="checkpoint files or directories (any existing path), then optional key=value overrides")
     parser.add_argument("--out", type=Path, default=None, help="output directory (default: <run dir>/posthoc/step=<step>)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--wandb", action="store_true", help="also log to a new W&B run (offline without an API key)")
+    parser.add_argument("--trust-checkpoint", action="store_true", help="load checkpoints that need more than weights-only loading (can run code)")
     args = parser.parse_args(argv)
-    checkpoints = [Path(a) for a in args.checkpoints if "=" not in a]
-    overrides = [a for a in args.checkpoints if "=" in a]
     start = time.time()
     try:
-        if not checkpoints:
-            raise ConfigError("no checkpoint given; pass one or more .ckpt files")
+        from convergent.checkpoint_args import parse
+
+        parsed = parse(args.checkpoints)  # an existing path is a checkpoint, whatever characters it holds
+        checkpoints, overrides = parsed.checkpoints, parsed.overrides
         loggers = []
         if args.wandb:
             from convergent.loggers import build_loggers
 
             out = args.out or Path.cwd() / "convergent-analyze"
             loggers = build_loggers({"wandb": {"project": "convergent", "tags": ["posthoc"]}}, out, {"checkpoints": [str(c) for c in checkpoints]}, "posthoc", None)
-        result = analyze_checkpoints(checkpoints, overrides, args.out, loggers, args.device)
+        result = analyze_checkpoints(checkpoints, overrides, args.out, loggers, args.device, trust=args.trust_checkpoint)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -2,7 +2,10 @@
 
 With no W&B API key configured, W&B logs offline (and says so once) instead of prompting.
 The mode is passed to `wandb.init` directly, never through the environment, so nothing leaks
-between the jobs of a multirun.
+between the jobs of a multirun. W&B's data directory (`WANDB_DATA_DIR`, where it stages a copy of
+every artifact file it is given, e.g. each logged table, until upload) is pointed at the job's own
+`<run dir>/wandb` for the job (`WANDB_ENV`, put back by `convergent.train.finish_run`), so nothing
+of a run accumulates in the user's home directory.
 """
 
 from __future__ import annotations
@@ -14,9 +17,11 @@ from pathlib import Path
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.loggers.logger import rank_zero_experiment
-from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 
 from convergent.wandb_mode import WANDB_MODES, has_wandb_key, resolve_wandb_mode  # noqa: F401 - public here too
+
+WANDB_ENV = ("WANDB_DATA_DIR",)  # set per job by build_loggers; restored after the job
 
 
 def _wandb_settings(wb: dict):
@@ -25,32 +30,61 @@ def _wandb_settings(wb: dict):
     return wandb.Settings(init_timeout=float(wb.get("init_timeout", 60)), silent=True)
 
 
+def _complete_rows(path: str) -> tuple[list[str], list[dict]]:
+    """Header and rows of a metrics.csv, without what a killed write left half done: a last line
+    without its newline (an interrupted append) and rows whose field count is not the header's."""
+    with open(path, newline="") as f:
+        text = f.read()
+    if text and not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+    reader = csv.reader(text.splitlines(keepends=True))
+    header = next(reader, [])
+    rows = [dict(zip(header, r)) for r in reader if len(r) == len(header)]
+    return header, rows
+
+
+def _atomic_rows(path: str, header: list[str], rows: list[dict]) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=header)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
 class _ContinuingWriter(ExperimentWriter):
     """Lightning's CSV writer deletes an existing metrics.csv; a resumed run continues it instead.
     Rows up to `keep_through` (the step of the checkpoint the run resumes from) are kept; the tail
     a killed run logged after its checkpoint is dropped, since the resumed run logs it again.
-    `keep_through=-1` (no checkpoint: a fresh start) drops every row."""
+    `keep_through=-1` (no checkpoint: a fresh start) drops every row.
+
+    Every row has its step: a row logged without one is refused (Lightning's writer would number it
+    by its position in the buffer), the file is rewritten atomically when new columns appear
+    (Lightning rewrites it in place: a kill then would lose every row), and a row half written by a
+    killed process is dropped on resume."""
 
     def __init__(self, log_dir: str, keep_through: int = -1) -> None:
         self.keep_through = int(keep_through)
         super().__init__(log_dir=log_dir)
 
+    def log_metrics(self, metrics_dict: dict[str, float], step: int | None = None) -> None:
+        if step is None:
+            raise ValueError(f"CSV rows need their step; got metrics {sorted(metrics_dict)[:5]} without one")
+        super().log_metrics(metrics_dict, step=step)
+
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        _header, rows = _complete_rows(self.metrics_file_path)
+        _atomic_rows(self.metrics_file_path, list(fieldnames), rows)
+
     def _check_log_dir_exists(self) -> None:
         if not os.path.isfile(self.metrics_file_path):
             return
-        with open(self.metrics_file_path, newline="") as f:
-            reader = csv.DictReader(f)
-            rows = [r for r in reader if r.get("step") not in (None, "") and int(float(r["step"])) <= self.keep_through]
-            header = list(reader.fieldnames or [])
+        header, rows = _complete_rows(self.metrics_file_path)
+        rows = [r for r in rows if r.get("step") not in (None, "") and int(float(r["step"])) <= self.keep_through]
         if not rows:
             os.remove(self.metrics_file_path)
             return
-        tmp = f"{self.metrics_file_path}.tmp"
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=header)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, self.metrics_file_path)
+        _atomic_rows(self.metrics_file_path, header, rows)
         self.metrics_keys = header
 
 
@@ -60,6 +94,12 @@ class ContinuingCSVLogger(CSVLogger):
     def __init__(self, *args, keep_through: int = -1, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._keep_through = int(keep_through)
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        if step is None:  # Lightning's CSVLogger would number the row by its buffer position instead
+            raise ValueError(f"CSV rows need their step; got metrics {sorted(metrics)[:5]} without one")
+        super().log_metrics(metrics, step)
 
     @property
     @rank_zero_experiment
@@ -89,6 +129,8 @@ def build_loggers(
     wb = cfg.get("wandb")
     if wb:
         mode = resolve_wandb_mode(wb.get("mode"))
+        if mode != "disabled":  # W&B's staging copies (tables) live and die with the run directory
+            os.environ["WANDB_DATA_DIR"] = str(Path(run_dir).resolve() / "wandb")
         logger = FlatWandbLogger(
             project=wb.get("project") or "convergent",
             entity=wb.get("entity"),

@@ -39,24 +39,53 @@ class RunInfo:
         return info
 
     def last_checkpoint(self) -> str | None:
-        path = Path(self.run_dir) / LAST_CHECKPOINT
+        return self.existing_checkpoint(self.run_dir)
+
+    @staticmethod
+    def existing_checkpoint(run_dir: str | Path) -> str | None:
+        """The run directory's last.ckpt, if it holds one (read without creating run.json)."""
+        path = Path(run_dir) / LAST_CHECKPOINT
         return str(path) if path.exists() else None
+
+
+def finished_summary(run_dir: Path) -> dict:
+    """The summary a finished run wrote (summary.json), for a resume that has nothing to train."""
+    path = Path(run_dir) / "summary.json"
+    summary = json.loads(path.read_text()) if path.exists() else {"run_dir": str(run_dir)}
+    summary["finished"] = True
+    return summary
+
+
+def resume_target(argv: list[str]) -> Path | None:
+    """The run directory of `resume=<dir>` in these arguments (the last one given), or None."""
+    given = [a.split("=", 1)[1] for a in argv if a.startswith("resume=")]
+    if not given or given[-1] in ("", "null", "None"):
+        return None
+    return Path(given[-1]).expanduser().resolve()
 
 
 def resume_argv(argv: list[str]) -> list[str]:
     """Rewrite `resume=<run dir>` into Hydra arguments that recompose the run's saved config in
-    that directory; other arguments are kept as overrides."""
-    rest = [a for a in argv if not a.startswith("resume=")]
-    given = [a.split("=", 1)[1] for a in argv if a.startswith("resume=")]
-    if not given or given[-1] in ("", "null", "None"):
+    that directory; other arguments are kept as overrides. Trust in a checkpoint is never inherited
+    from the saved config: `trust_checkpoint=true` applies to the command that gives it (and is
+    accepted for run directories saved before the key existed)."""
+    run_dir = resume_target(argv)
+    if run_dir is None:
         return argv
-    run_dir = Path(given[-1]).expanduser().resolve()
+    rest = resume_overrides(argv)
     saved = run_dir / ".hydra" / "config.yaml"
     if not saved.exists():
-        raise ConfigError(f"resume={given[-1]}: no saved config at {saved}; pass the run directory that convergent-train created")
+        given = [a for a in argv if a.startswith("resume=")][-1]
+        raise ConfigError(f"{given}: no saved config at {saved}; pass the run directory that convergent-train created")
     if "-m" in rest or "--multirun" in rest:
         raise ConfigError("resume= continues one run; drop -m/--multirun")
     return ["--config-dir", str(saved.parent), "--config-name", "config", f"hydra.run.dir={run_dir}", *rest]
+
+
+def resume_overrides(argv: list[str]) -> list[str]:
+    """The overrides a `resume=` applies to the saved config: trust off unless given again."""
+    rest = [f"++{a}" if a.startswith("trust_checkpoint=") else a for a in argv if not a.startswith("resume=")]
+    return ["++trust_checkpoint=false", *rest]
 
 
 # The headline alignment of the end-of-run summary: per layer, these measures with their calibration.

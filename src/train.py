@@ -26,12 +26,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from convergent import checkpoint_io, runlock, training_state
 from convergent.config import TrainConfig, migrate_argv, trainer_arguments, validate
 from convergent.distributed import configure_strategy
 from convergent.ensemble import Ensemble
 from convergent.errors import ConfigError
-from convergent.loggers import build_loggers
-from convergent.runinfo import RunInfo, resume_argv, summarize
+from convergent.loggers import WANDB_ENV, build_loggers
+from convergent.runinfo import RunInfo, finished_summary, resume_argv, resume_overrides, resume_target, summarize
 from convergent.sweep import sweep_identity
 
 log = logging.getLogger("convergent")
@@ -93,16 +94,41 @@ def prepare(cfg: DictConfig, run_dir: Path) -> Job:
 
 
 def train(cfg: DictConfig) -> dict:
-    """Run one job; returns the end-of-run summary (also printed)."""
-    start = time.time()
+    """Run one job, holding its run directory's lock (a second process there is refused: RunDirBusy);
+    returns the end-of-run summary (also printed)."""
     run_dir = run_dir_of(cfg)
+    lock = runlock.acquire(run_dir)  # None on DDP ranks > 0
+    try:
+        if lock is not None:
+            runlock.remove_stale_temporaries(run_dir)  # what writers killed before us left behind
+        return _train(cfg, run_dir)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: DictConfig, run_dir: Path) -> dict:
+    start = time.time()
+    trust = bool(cfg.get("trust_checkpoint", False))
+    ckpt_path = cfg.ckpt_path or RunInfo.existing_checkpoint(run_dir)
+    if ckpt_path and Path(ckpt_path).is_file():  # first: a refusal is the only line printed
+        checkpoint_io.check(ckpt_path, trust=trust, trust_flag="trust_checkpoint=true")
     job = prepare(cfg, run_dir)
 
+    resume_step = -1
+    if ckpt_path:  # weights-only (refused in one line if it needs more) unless trust_checkpoint=true
+        state = checkpoint_io.load(ckpt_path, trust=trust, trust_flag="trust_checkpoint=true", mmap=True)
+        resume_step = checkpoint_io.step_of(state)
+        trainer_limits = OmegaConf.to_container(cfg.trainer, resolve=True)
+        done = training_state.finished_message(state, trainer_limits, run_dir, resumed=not cfg.ckpt_path)
+        del state
+        if done:  # nothing to train: no loggers, no Trainer, nothing written
+            print(done, file=sys.stderr, flush=True)
+            return finished_summary(run_dir)
     info = RunInfo.load_or_create(run_dir)
-    ckpt_path = job.conf.ckpt_path or info.last_checkpoint()
-    resume_step = checkpoint_step(ckpt_path) if ckpt_path else -1
     # W&B group (the sweep), run name (what the sweep varies) and the config as a flat dict
     sweep = sweep_identity(OmegaConf.to_container(cfg, resolve=True), run_dir, cfg.run_name, fresh=info.last_checkpoint() is None)
+    launch_env = {key: os.environ.get(key) for key in (*DDP_ENV, *WANDB_ENV)}
     loggers = build_loggers(
         asdict(job.conf.logger),
         run_dir,
@@ -113,7 +139,6 @@ def train(cfg: DictConfig) -> dict:
         resume_step=resume_step,
         job_type="train",
     )
-    launch_env = {key: os.environ.get(key) for key in DDP_ENV}
     trainer_cfg = trainer_arguments(cfg)
     trainer_cfg["strategy"] = configure_strategy(trainer_cfg.get("strategy", "auto"), trainer_cfg)
     trainer = pl.Trainer(
@@ -123,9 +148,10 @@ def train(cfg: DictConfig) -> dict:
         default_root_dir=str(run_dir),
         enable_checkpointing=False,  # checkpoints/last.ckpt is written atomically by LastCheckpoint
         enable_model_summary=False,
+        plugins=[checkpoint_io.run_checkpoint_io(trust)],  # loads ckpt_path weights-only unless trusted
     )
     try:
-        trainer.fit(job.ensemble, datamodule=job.datamodule, ckpt_path=ckpt_path)
+        trainer.fit(job.ensemble, datamodule=job.datamodule, ckpt_path=ckpt_path, weights_only=not trust)
     except SIGTERMException:
         if trainer.is_global_zero:
             print(
@@ -138,13 +164,6 @@ def train(cfg: DictConfig) -> dict:
         return summarize(trainer, job.ensemble, run_dir, time.time() - start, job.monitor)
     finally:
         finish_run(launch_env)
-
-
-def checkpoint_step(path: str) -> int:
-    """The global step a checkpoint was saved at."""
-    if not Path(path).exists():
-        raise ConfigError(f"ckpt_path={path} does not exist; pass a checkpoint written by convergent-train")
-    return int(torch.load(path, map_location="cpu", weights_only=False).get("global_step", 0))
 
 
 # Set in this process by a DDP launch (Lightning's launcher, convergent.distributed): left behind,
@@ -190,13 +209,31 @@ def hydra_main(cfg: DictConfig) -> float | None:
 
 def main() -> None:
     """Console entry point: `resume=<run dir>` is rewritten into a Hydra call on the run's saved
-    config before Hydra starts (so the run continues in its own directory)."""
+    config before Hydra starts (so the run continues in its own directory). Before Hydra writes
+    into that directory: its lock is taken (a live holder: exit 2), and a finished run says so and
+    exits 0 unchanged."""
+    lock = None
     try:
-        sys.argv = [sys.argv[0], *resume_argv(migrate_argv(sys.argv[1:]))]
+        argv = migrate_argv(sys.argv[1:])
+        sys.argv = [sys.argv[0], *resume_argv(argv)]
+        target = resume_target(argv)
+        if target is not None:
+            lock = runlock.acquire(target)
+            done = training_state.resumed_run_finished(target, resume_overrides(argv))
+            if done:
+                print(done, file=sys.stderr, flush=True)
+                lock.release()
+                return
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
+        if lock is not None:
+            lock.release()
         sys.exit(2)
-    hydra_main()
+    try:
+        hydra_main()
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from convergent.report.aggregate import SD_DDOF
 from convergent.report.build import SUMMARY_COLUMNS, build_report
 from convergent.report.cli import main as report_main
 from convergent.sweep import flat_config, run_name, sweep_group_of, swept_keys
-from tests.conftest import run_cli
+from tests.support import run_cli
 from tests.test_training import wandb_records
 
 PAIR = re.compile(r"/m\d+-m\d+$")

@@ -219,6 +219,7 @@ class TrainConfig:
     run_name: str | None = None  # W&B run name
     ckpt_path: str | None = None  # resume training from this checkpoint (in a new run directory)
     resume: str | None = None  # resume a run directory in place: convergent-train resume=outputs/.../
+    trust_checkpoint: bool = False  # load checkpoints that need more than weights-only unpickling (can run code: only your own)
     torch_threads: int | None = None  # CPU threads for torch (null: torch's default)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: Any = MISSING

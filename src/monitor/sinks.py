@@ -6,7 +6,8 @@ Local layout (README "Run directory"):
     figures/<key>/step=<global_step>.png
     tables/<key>/step=<global_step>.csv
 W&B gets the same scalars (x-axis `trainer/global_step`), figures as images under `fig/<key>`,
-tables under `table/<key>`, and each npz as a version of the artifact `analysis-<run id>`.
+tables under `table/<key>`, and each npz as a version of the artifact `analysis-<run id>` (a hard
+link in the W&B run's directory: no copy, see `convergent.wandb_files`).
 Writes are atomic (temp file, then rename): a killed run never leaves a half-written file.
 """
 
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,11 +25,11 @@ from convergent.loggers import wandb_logger
 from convergent.wandb_workspace import wandb_scalars
 
 
-def _atomic_path(path: Path):
+def _atomic_path(path: Path) -> Path:
+    """`.tmp-<pid>-<name>` beside `path`: one writer per run directory (its lock), one name per
+    process; what a killed writer leaves is removed by the next lock holder (runlock)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-    os.close(fd)
-    return Path(tmp)
+    return path.with_name(f".tmp-{os.getpid()}-{path.name}")
 
 
 def save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -97,7 +97,9 @@ class RunSinks:
         if self.wandb is not None and self.wandb.experiment is not None and hasattr(self.wandb.experiment, "log_artifact"):
             import wandb
 
+            from convergent.wandb_files import add_immutable_file
+
             artifact = wandb.Artifact(f"analysis-{self.wandb.experiment.id}", type="analysis")
-            artifact.add_file(str(path), name=path.name)
+            add_immutable_file(artifact, path, Path(self.wandb.experiment.dir).parent)  # no copy outside the run dir
             self.wandb.experiment.log_artifact(artifact, aliases=[step_name(step).replace("=", "-")])
         return path
