@@ -17,7 +17,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from convergent.config import ConfigError
+from convergent.errors import ConfigError
 
 
 @dataclass(frozen=True)

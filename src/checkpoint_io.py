@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from convergent.config import ConfigError
+from convergent.errors import ConfigError
 
 # Globals the project's checkpoints need beyond torch's weights-only defaults (measured: none).
 SAFE_GLOBALS: tuple = ()

@@ -36,7 +36,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from convergent.config import ConfigError
+from convergent.errors import ConfigError
 
 try:
     import fcntl

@@ -10,14 +10,14 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from tests.support import compose_train, one_thread, train_in
+from tests.support import compose_train, single_thread, train_in
 
 
 def train_saved(run_dir: Path, *overrides: str) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / ".hydra").mkdir(exist_ok=True)
     OmegaConf.save(compose_train(*overrides), run_dir / ".hydra" / "config.yaml")
-    with one_thread():
+    with single_thread():
         return train_in(run_dir, *overrides)
 
 

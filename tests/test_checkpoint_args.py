@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from convergent.checkpoint_args import natural_key, parse
-from convergent.config import ConfigError
+from convergent.errors import ConfigError
 
 
 def touch(path):

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.subprocess
 # 8 steps (one epoch: finished by trainer.max_epochs=1), analyses at the log-spaced steps 0, 1, 2, 5 and the end
 JOB = ("debug=tiny", "trainer.max_steps=-1", "trainer.max_epochs=1", "trainer.limit_val_batches=1",
        "analysis.analyses=[correlation,cka]", "analysis.layers=[conv1,fc7]", "analysis.figures=none",
-       "analysis.permutation_null=false")  # fmt: skip
+       "analysis.null.enabled=false")  # fmt: skip
 STEPS_1 = [0, 1, 2, 5, 8]
 
 
