@@ -24,7 +24,6 @@ from omegaconf import DictConfig, OmegaConf
 from convergent.errors import ConfigError
 
 
-
 def find_run_config(checkpoint: Path) -> Path | None:
     """The `.hydra/config.yaml` of the run a checkpoint belongs to (searching its parents)."""
     for parent in checkpoint.resolve().parents:

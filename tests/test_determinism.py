@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.support import run_cli
-from tests.support import LIGHT, read_metrics, single_thread, train_in
+from tests.support import LIGHT, read_metrics, run_cli, single_thread, train_in
 
 TIMING = ("monitor/",)  # wall-clock keys: the only ones allowed to differ between identical runs
 

@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+import convergent.analysis.builtin  # noqa: E402,F401 - registers the built-in measures
 from convergent.analysis.measures import (
     SampleSizeWarning,
     canonical_correlations,
@@ -27,8 +28,6 @@ from convergent.analysis.measures import (
     svcca,
 )
 from convergent.analysis.registry import INVARIANCES, REGISTRY
-
-import convergent.analysis.builtin  # noqa: E402,F401 - registers the built-in measures
 
 # The one registry of measures: the property tests below are generated from its declarations.
 MEASURES = dict(REGISTRY.measures)

@@ -192,7 +192,7 @@ def test_smallest_inputs_that_work():
     for name, arch in (("alexnet", IMAGENET), ("alexnet_small", SMALL)):
         for size in range(8, 120):
             side = size
-            for out, k, s, p, _g, pool in arch:
+            for _out, k, s, p, _g, pool in arch:
                 side = out_side(side, k, s, p)
                 if pool:
                     side = out_side(side, 3, 2)

@@ -285,7 +285,7 @@ def activations(draw):
     scale = draw(st.sampled_from([1.0, 1e-6, 1e4]))
     rng = np.random.default_rng(draw(st.integers(0, 2**16)))
     members = []
-    for i in range(k):
+    for _ in range(k):
         acts = {}
         for layer, (c, side) in shapes.items():
             shape = (n, c) if side is None else (n, c, side, side)

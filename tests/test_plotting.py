@@ -10,7 +10,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
-
 from matplotlib.collections import PolyCollection  # noqa: E402
 
 from convergent.monitor.plotting import collecting_young_garbage, over_training_figure  # noqa: E402

@@ -80,7 +80,10 @@ def report(sweep):
 
 def job_setting(job: Path) -> tuple[str, str]:
     overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
-    get = lambda key: next(o.split("=", 1)[1] for o in overrides if o.startswith(f"{key}="))
+
+    def get(key: str) -> str:
+        return next(o.split("=", 1)[1] for o in overrides if o.startswith(f"{key}="))
+
     return get("model.width"), get("seed")
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import run_cli
 from tests.rundirs import fingerprint
+from tests.support import run_cli
 from tests.test_reliability import logged_steps, npz_steps, read_csv, wandb_runs
 from tests.test_training import wandb_records
 

@@ -15,9 +15,8 @@ import torch
 
 from convergent import checkpoint_io
 from convergent.checkpoint_io import UnsafeCheckpoint
-from tests.support import run_cli
-from tests.support import LIGHT
 from tests.rundirs import copy_run, fingerprint, train_saved
+from tests.support import LIGHT, run_cli
 
 # 8 steps (one epoch) with an analysis every 4 steps and their checkpoints; finished by max_epochs=1
 FINISHED = ("debug=tiny", "logger=csv", "trainer.max_steps=-1", "trainer.max_epochs=1", *LIGHT[:3],

@@ -5,6 +5,7 @@ Every function takes torch tensors (numpy arrays too, for the matrix functions) 
 never plots. See README "Using the analyses on your own activations" and "Adding a measure".
 """
 
+from convergent.analysis.calibration import Calibrated, calibrate, jackknife_interval
 from convergent.analysis.clustering import (
     combined_corr,
     hierarchical_merges,
@@ -25,7 +26,6 @@ from convergent.analysis.measures import (
     stats_from_arrays,
     svcca,
 )
-from convergent.analysis.calibration import Calibrated, calibrate, jackknife_interval
 from convergent.analysis.mutual_info import mi_semi_match, mutual_information, mutual_information_from_arrays
 from convergent.analysis.registry import REGISTRY, Analysis, Measure, Needs, Output, Result, register_analysis, register_measure
 from convergent.analysis.sparse import SparsePrediction, sparse_prediction

@@ -29,14 +29,13 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from convergent.stats.moments import MomentStats, Moments, flatten_samples
+from convergent.stats.moments import Moments, MomentStats, flatten_samples
 
 __all__ = [
     "DEFAULT_EPSILON",

@@ -81,7 +81,6 @@ Pure function: torch only (no Lightning, W&B or Hydra).
 from __future__ import annotations
 
 import math
-
 import operator
 import warnings
 from collections.abc import Sequence

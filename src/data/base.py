@@ -12,8 +12,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from convergent.errors import ConfigError
 from convergent.data.samplers import MemberTuples, SeededOrderSampler
+from convergent.errors import ConfigError
 
 DATA_ORDERS = ("shared", "independent")
 

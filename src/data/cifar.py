@@ -6,8 +6,8 @@ import os
 
 from torchvision import datasets, transforms
 
-from convergent.errors import ConfigError
 from convergent.data.base import ClassificationData
+from convergent.errors import ConfigError
 
 STATS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),

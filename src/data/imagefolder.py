@@ -10,8 +10,8 @@ import os
 
 from torchvision import datasets, transforms
 
-from convergent.errors import ConfigError
 from convergent.data.base import ClassificationData
+from convergent.errors import ConfigError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from convergent.errors import ConfigError
 from convergent.data.base import ClassificationData
+from convergent.errors import ConfigError
 
 MEAN, STD = 0.1307, 0.3081  # the usual MNIST normalisation
 SPLIT_SEED = 12345

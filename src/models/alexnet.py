@@ -11,13 +11,14 @@ before pooling, LRN and dropout (the paper's convention). fc8 has no ReLU: its t
 """
 
 from __future__ import annotations
-from convergent.errors import ConfigError
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+from convergent.errors import ConfigError
 
 CONV_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5")
 FC_LAYERS = ("fc6", "fc7", "fc8")

@@ -290,7 +290,7 @@ def patch_figure(report: StepReport, layers: Sequence[str], a: int, b: int, fiel
     for ax, (layer, canvas, rows, (size, pad, shown)) in zip(axes[0], panels):
         ax.imshow(canvas, cmap="gray" if canvas.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest")
         cell = size + pad
-        for r, (u, v, corr_value) in enumerate(rows):
+        for r, (_u, _v, corr_value) in enumerate(rows):
             y = pad + r * cell + size / 2
             ax.text(pad + shown * cell + size / 2, y, f"{corr_value:.2f}", ha="center", va="center", fontsize=4)
         _title(ax, layer, 7)
@@ -410,7 +410,7 @@ def _figure_plan(report: StepReport, plan, fields, probe_set):
             yield f"hier/{tag}", lambda a=a, b=b: dendrogram_figure(report, layers, a, b)
         if plan.on("patches") and fields and probe_set is not None:
             n = plan.config.patches.pairs
-            yield f"patches/{tag}", lambda a=a, b=b: patch_figure(report, plan.conv_layers, a, b, fields, probe_set, n)
+            yield f"patches/{tag}", lambda a=a, b=b, n=n: patch_figure(report, plan.conv_layers, a, b, fields, probe_set, n)
         if plan.on("cross_layer"):
             yield f"cross_layer/{tag}", lambda a=a, b=b: cross_layer_figure(report, layers, a, b)
     if plan.on("mean_activation"):

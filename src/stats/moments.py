@@ -596,8 +596,8 @@ class Moments(SumStates):
             qx = q[:, :, :d] + q[:, :, d, None] * shift
             for i, j in self.block_list:
                 add(_block_name("qq", i, j), qq[:, i, j])
-                for a, c in {(i, j), (j, i)}:
-                    add(_block_name("qx", a, c), qx[:, a, slice(*edges[c])])
+                for u, v in {(i, j), (j, i)}:
+                    add(_block_name("qx", u, v), qx[:, u, slice(*edges[v])])
 
     @property
     def _extra_rows(self) -> int:
@@ -627,7 +627,7 @@ class Moments(SumStates):
                     qx[(a, b)] = getattr(self, _block_name("qx", a, b)).clone()
         return GroupedMomentStats(
             self.sizes,
-            self.n.clone(),
+            getattr(self, "n").clone(),  # (a state; mypy takes `n` for torchmetrics' attribute)
             [getattr(self, f"sum_{i}").clone() for i in range(len(self.sizes))],
             {(i, j): getattr(self, _block_name("sxx", i, j)).clone() for i, j in self.block_list},
             qq,

@@ -166,11 +166,11 @@ class TopActivations(Metric):
                 v.copy_(a[lo:hi].reshape(hi - lo, c, hw).transpose(0, 1))
                 v = v.view(c, (hi - lo) * hw).nan_to_num_(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
 
-                def where(rows: Tensor, lo: int = lo) -> Tensor:  # (image, y, x) of chunk rows
+                def where(rows: Tensor, lo: int = lo, hw: int = hw, images: Tensor = images, w: int = w) -> Tensor:  # (image, y, x) of rows
                     pos = rows % hw
                     return torch.stack([images[lo + torch.div(rows, hw, rounding_mode="floor")], pos // w, pos % w], -1)
 
-                def keys(rows: Tensor) -> Tensor:
+                def keys(rows: Tensor, where=where) -> Tensor:
                     at = where(rows)
                     return (at[..., 0] << (2 * _SHIFT)) | (at[..., 1] << _SHIFT) | at[..., 2]
 
