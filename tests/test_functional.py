@@ -24,12 +24,14 @@ from convergent.functional import (
     average_scalars,
     evaluate_pair,
     interpolate,
+    interpolation_barriers,
     inverse,
     lstsq_map,
     pair_scalars,
     permute,
     random_perms,
     repair,
+    stitch,
     t_values,
     unit_blocks,
 )
@@ -505,6 +507,15 @@ def test_evaluate_pair_with_the_monitors_statistics_needs_no_recomputation(train
         for name in ("perm", "lstsq"):
             assert abs(r.stitch_acc[l][name] - result.stitch_acc[l][name]) <= 0.03, (l, name)
     assert r.barrier["matched"] == pytest.approx(result.barrier["matched"], abs=0.05)
+
+
+def test_single_purpose_entry_points_agree_with_evaluate_pair(trained):
+    a, b, batches, result = trained
+    barriers = interpolation_barriers(a, b, batches, methods=("naive",), perms=result.perms)
+    np.testing.assert_allclose(barriers.curves["naive"].loss, result.curves["naive"].loss, rtol=1e-6)
+    assert barriers.mid_acc["naive"] == result.mid_acc["naive"]
+    st = stitch(a, b, batches, layers=["fc7"], maps=("perm",), perms=result.perms)
+    assert st.acc == {"fc7": {"perm": result.stitch_acc["fc7"]["perm"]}} and st.own_acc == result.acc[1]
 
 
 def test_evaluate_pair_leaves_the_members_alone(trained):

@@ -26,7 +26,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from convergent.functional._run import as_probe, channel_mean_var, forward_layerwise, layer_steps, score, working_copy
+from convergent.functional._run import (
+    as_probe,
+    channel_mean_var,
+    channels_last,
+    forward_layerwise,
+    layer_steps,
+    score,
+    working_copy,
+)
 from convergent.functional.interpolate import (
     DEFAULT_POINTS,
     METHODS,
@@ -240,6 +248,7 @@ def evaluate_pair(
     curves: dict[str, Curve] = {}
     interior = [float(v) for v in t[1:-1]]
     shared: dict[str, Interpolation] = {}
+    z1_buffers = [torch.empty_like(z) for z in conv1_z[0]] if conv1_z is not None else []
     for method in methods:
         clock = time.perf_counter()
         which = {"naive": None, "matched": "activation", "repair": "activation", "weight": "weight"}[method]
@@ -250,12 +259,14 @@ def evaluate_pair(
         zb = None
         if conv1_z is not None:
             idx = p["conv1"].to(device) if p else None
-            zb = [z if idx is None else torch.index_select(z, 1, idx) for z in conv1_z[1]]
+            zb = [z if idx is None else channels_last(torch.index_select(z, 1, idx)) for z in conv1_z[1]]
         target_b = pre_b.permuted(p) if method == "repair" else None
         loss, acc = [loss_a], [acc_a]
         for tv in interior:
             net = interp.at(tv)
-            z1 = [torch.lerp(za, zbi, tv) for za, zbi in zip(conv1_z[0], zb)] if zb is not None else None
+            z1 = None
+            if zb is not None:  # conv1 is linear in its weights: interpolate its outputs (into reused buffers)
+                z1 = [torch.lerp(za, zbi, tv, out=buf) for za, zbi, buf in zip(conv1_z[0], zb, z1_buffers)]
             correct = repair_correction(pre_a, target_b, tv) if method == "repair" else None
             logits = forward_layerwise(net, probe.xs, conv1_z=z1, correct=correct)
             lv, av = score(logits, probe.ys)

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from convergent.analysis.sparse import sparse_prediction
-from convergent.functional._run import forward_layerwise, score
+from convergent.functional._run import channels_last, forward_layerwise, score
 from convergent.functional.permute import inverse
 from convergent.models.alexnet import AlexNet
 from convergent.stats.moments import MomentStats
@@ -57,7 +57,7 @@ class StitchMap:
 
     def __call__(self, h: Tensor) -> Tensor:
         if self.index is not None:
-            out = torch.index_select(h, 1, self.index.to(h.device))
+            out = channels_last(torch.index_select(h, 1, self.index.to(h.device)))
         elif h.dim() == 4:
             out = F.conv2d(h, self.weight[:, :, None, None].to(h), self.bias.to(h))
         else:
