@@ -45,7 +45,7 @@ from convergent.functional.interpolate import (
     repair_correction,
     t_values,
 )
-from convergent.functional.permute import HIDDEN, _assign, pair_corr, permute, unit_blocks, weight_perms
+from convergent.functional.permute import HIDDEN, assign, pair_corr, permute, unit_blocks, weight_perms
 from convergent.functional.stitch import STITCH_MAPS, StitchMap, lstsq_map, perm_map, stitched_score, trained_map
 from convergent.models.alexnet import AlexNet
 from convergent.stats.moments import Moments, MomentStats
@@ -189,7 +189,6 @@ def evaluate_pair(
     pre_a, pre_b = PreStats({}, {}), PreStats({}, {})
     conv1_z: tuple[list[Tensor], list[Tensor]] | None = None
     stitch_acc: dict[str, dict[str, float]] = {}
-    stitch_loss: dict[str, dict[str, float]] = {}
     for sa, sb in zip(layer_steps(a, probe.xs), layer_steps(b, probe.xs)):
         layer = sa.layer
         if sa.h is None:
@@ -205,7 +204,7 @@ def evaluate_pair(
             st, st_pair = acc.compute(), (0, 1)
         if need_act and layer not in act:
             corr = pair_corr(st, st_pair, layer, (a.layer_width(layer), b.layer_width(layer)))
-            act[layer] = _assign(corr, blocks[layer])
+            act[layer] = assign(corr, blocks[layer])
         if "repair" in methods:
             for target, s in ((pre_a, sa), (pre_b, sb)):
                 m, v, _ = channel_mean_var(s.u)
@@ -217,7 +216,7 @@ def evaluate_pair(
         seconds["endpoints"] += time.perf_counter() - clock
         clock = time.perf_counter()
         if layer in layers and maps:
-            stitch_acc[layer], stitch_loss[layer] = {}, {}
+            stitch_acc[layer] = {}
             built: dict[str, StitchMap] = {}
             if "perm" in maps:
                 built["perm"] = perm_map(act[layer], clamp)
@@ -226,7 +225,7 @@ def evaluate_pair(
             if "trained" in maps:
                 built["trained"] = trained_map(built["lstsq"], b, layer, sa.h, probe.ys, trained_steps, trained_lr)
             for name in maps:
-                stitch_loss[layer][name], stitch_acc[layer][name] = stitched_score(b, layer, sa.h, probe.ys, built[name])
+                _, stitch_acc[layer][name] = stitched_score(b, layer, sa.h, probe.ys, built[name])
         seconds["stitch"] += time.perf_counter() - clock
     clock = time.perf_counter()
     loss_a, acc_a = score(logits_a, probe.ys)

@@ -211,7 +211,7 @@ def inverse(perm: Tensor) -> Tensor:
     return torch.argsort(perm)
 
 
-def _assign(score: Tensor, blocks: int) -> Tensor:
+def assign(score: Tensor, blocks: int) -> Tensor:
     """Permutation maximising sum_i score[i, perm[i]] with perm mapping each of `blocks` equal
     contiguous blocks onto itself. Every row gets a partner (square blocks), dead units included."""
     n = score.shape[0]
@@ -296,7 +296,7 @@ def activation_perms(
                 raise ValueError(f"corr[{layer!r}] has shape {tuple(c.shape)}; expected {widths} (a's units x b's units)")
         else:
             c = pair_corr(stats[layer], (0, 1) if layer in fresh else pair, layer, widths)
-        perms[layer] = _assign(c, blocks[layer])
+        perms[layer] = assign(c, blocks[layer])
     return perms
 
 
@@ -329,7 +329,7 @@ def weight_perms(net_a: AlexNet, net_b: AlexNet, *, max_iter: int = 100, seed: i
             for key, ax in touching[layer]:
                 wb = permuted_tensor(key, db[key], perms, skip_axis=ax).float().movedim(ax, 0).reshape(n, -1)
                 score += (rows_a[(key, ax)] @ wb.T).cpu()
-            new = _assign(score, blocks[layer])
+            new = assign(score, blocks[layer])
             score = score.double()
             rows = torch.arange(n)
             old_value, new_value = float(score[rows, perms[layer]].sum()), float(score[rows, new].sum())
