@@ -329,6 +329,22 @@ def test_t_values_always_hold_the_midpoint():
         t_values(1)
 
 
+@pytest.mark.parametrize("offset", [0.0, 3.0, 1000.0])
+def test_channel_statistics_match_float64(offset):
+    """REPAIR's per-channel mean / variance (blocked float32 products) against float64 torch,
+    including channels whose mean dwarfs their spread."""
+    from convergent.functional._run import channel_mean_var
+
+    g = torch.Generator().manual_seed(0)
+    scale = torch.rand(1, 8, 1, 1, generator=g)
+    maps = [torch.randn(40, 8, 30, 30, generator=g) * scale + offset * torch.rand(1, 8, 1, 1, generator=g) for _ in range(2)]
+    mean, var, n = channel_mean_var([m.contiguous(memory_format=torch.channels_last) for m in maps])
+    x = torch.cat(maps).double()
+    assert n == 80 * 900
+    torch.testing.assert_close(mean, x.mean((0, 2, 3)), rtol=0, atol=1e-5 * float(x.std((0, 2, 3)).min()))
+    torch.testing.assert_close(var, x.var((0, 2, 3), correction=0), rtol=1e-4, atol=0)
+
+
 def test_curve_barrier_is_the_largest_excess_over_the_chord():
     t = np.linspace(0, 1, 5)
     loss = np.array([1.0, 2.5, 3.0, 2.0, 3.0])

@@ -131,19 +131,21 @@ def layer_steps(
         if not has_relu:
             yield Step(name, None, u, None)
             return
-        if correct is not None:
-            coef = correct(name, u)
-            if coef is not None:
-                scale, shift = coef
-                u = [torch.addcmul(shift, v, scale) for v in u]
+        coef = correct(name, u) if correct is not None else None
         post = list(st.post)
-        if not keep_pre and post and isinstance(post[0], nn.MaxPool2d):
-            # only the logits are wanted: pool before the ReLU (they commute), 4x fewer values to clip
+        if not keep_pre and post and isinstance(post[0], nn.MaxPool2d) and (coef is None or bool((coef[0] >= 0).all())):
+            # only the logits are wanted: max-pool first, then the correction and the ReLU on 4x
+            # fewer values (max commutes with every non-decreasing per-channel map)
             yield Step(name, None, [], None)
-            pooled = [post[0](v).relu_() for v in u]
+            pooled = [post[0](v) for v in u]
+            if coef is not None:
+                pooled = [torch.addcmul(coef[1], v, coef[0]) for v in pooled]
+            pooled = [v.relu_() for v in pooled]
             del z, u
             x = [nn.Sequential(*post[1:])(v) for v in pooled] if len(post) > 1 else pooled
             continue
+        if coef is not None:
+            u = [torch.addcmul(coef[1], v, coef[0]) for v in u]
         in_place = not keep_pre and u is not conv1_z  # never overwrite the caller's tensors
         h = [v.relu_() for v in u] if in_place else [F.relu(v) for v in u]
         yield Step(name, z, u, h)
@@ -171,20 +173,47 @@ def _samples(v: Tensor) -> Tensor:
     return v if v.dim() == 2 else v.movedim(1, -1).reshape(-1, v.shape[1])
 
 
-def _squared(d: Tensor) -> Tensor:
-    return d.mul_(d)  # in place on a temporary (Tensor.square dispatches to a slower pow)
+# Rows summed by one float32 product before the partial sums are added in float64 (a long float32
+# product accumulates sequentially: over 200k rows it loses ~4 digits).
+SUM_ROWS = 2048
+# Channels whose squared mean exceeds this multiple of their variance are recomputed exactly in
+# float64 (sum x^2 - n mean^2 cancels there); for the others the float32 products keep the mean
+# and the variance to ~1e-5 of the std / variance.
+ILL_CONDITIONED = 10.0
+
+
+def _sums(r: Tensor) -> tuple[Tensor, Tensor]:
+    """(sum of rows, diagonal of r^T r) of r [n, C], float64, from float32 products of SUM_ROWS rows."""
+    n, c = r.shape
+    k, rest = divmod(n, SUM_ROWS)
+    total, squares = r.new_zeros(c, dtype=torch.float64), r.new_zeros(c, dtype=torch.float64)
+    if k:
+        blocks = r[: k * SUM_ROWS].view(k, SUM_ROWS, c)
+        total += torch.bmm(r.new_ones(k, 1, SUM_ROWS), blocks).double().sum((0, 1))
+        squares += torch.diagonal(torch.bmm(blocks.transpose(1, 2), blocks), dim1=1, dim2=2).double().sum(0)
+    if rest:
+        tail = r[k * SUM_ROWS :]
+        total += tail.sum(0).double()
+        squares += torch.diagonal(tail.T @ tail).double()
+    return total, squares
 
 
 def channel_mean_var(vs: list[Tensor]) -> tuple[Tensor, Tensor, int]:
     """Per-channel mean and population variance (float64) over every sample and position of the
-    batches `vs` ([N, C] or [N, C, H, W]). Two passes (the mean, then squared deviations from it),
-    each a ones-vector product: torch.var_mean's Welford reduction is ~5x slower on the CPU."""
+    batches `vs` ([N, C] or [N, C, H, W]): blocked products with a ones vector and the Gram
+    diagonal (no temporaries; torch.var_mean's Welford reduction is ~5x slower on the CPU),
+    recomputed in float64 for the channels whose mean dwarfs their spread."""
     rows = [_samples(v) for v in vs]
     n = sum(r.shape[0] for r in rows)
-    ones = [r.new_ones(1, r.shape[0]) for r in rows]
-    mean = sum((o @ r).double() for o, r in zip(ones, rows))[0] / n
-    m32 = mean.to(rows[0].dtype)
-    var = sum((o @ _squared(r - m32)).double() for o, r in zip(ones, rows))[0] / n
+    parts = [_sums(r) for r in rows]
+    mean = sum(p[0] for p in parts) / n
+    var = (sum(p[1] for p in parts) / n - mean.square()).clamp_min(0.0)
+    bad = (mean.square() > ILL_CONDITIONED * var).nonzero().squeeze(1)
+    if bad.numel():
+        cols = [r[:, bad].double() for r in rows]
+        exact_mean = sum(c.sum(0) for c in cols) / n
+        exact_var = sum((c - exact_mean).square().sum(0) for c in cols) / n
+        mean, var = mean.index_copy(0, bad, exact_mean), var.index_copy(0, bad, exact_var)
     return mean, var, n
 
 
