@@ -598,3 +598,17 @@ def test_figures_draw_the_data(trained):
     assert len(bottom.get_lines()) >= 2
     plt.close(fig)
     assert convergence_figure({}, "conv2") is None
+
+
+def test_functional_imports_no_framework():
+    """Like convergent.analysis: usable from a notebook without Lightning, W&B or Hydra."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, convergent.functional, convergent.functional.figures;"
+        "bad=[m for m in sys.modules if m.split('.')[0] in ('pytorch_lightning','lightning','wandb','hydra','omegaconf')];"
+        "print(','.join(bad))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "", f"framework modules imported by convergent.functional: {out}"
