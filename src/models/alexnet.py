@@ -68,22 +68,60 @@ def _scaled(width: int, multiplier: float, groups: int) -> int:
     return w - w % groups
 
 
+def channel_window(sq: Tensor, size: int, position: Tensor | None = None) -> Tensor:
+    """Sum of `sq` [N, C, H, W] over each channel's `size` neighbours (size // 2 before,
+    (size - 1) // 2 after, fewer at the ends). Neighbours are taken in the order `position`
+    (stored channel c sits at position[c]); None: the stored order."""
+    if position is not None:
+        order = torch.argsort(position)  # order[p]: the stored channel at position p
+        return channel_window(sq[:, order], size)[:, position]
+    channels = sq.shape[1]
+    sq = nn.functional.pad(sq.unsqueeze(1), (0, 0, 0, 0, size // 2, (size - 1) // 2)).squeeze(1)
+    return sum(sq[:, d : d + channels] for d in range(size))
+
+
 class LocalResponseNorm(nn.Module):
     """Cross-channel LRN, the same function as `torch.nn.LocalResponseNorm` (and Caffe's):
     x / (k + alpha / size * sum of x^2 over `size` neighbouring channels) ** beta.
 
     Written as a sum of shifted slices because torch's version (avg_pool3d on a 5-D view) is
-    several times slower than the convolutions around it on the CPU."""
+    several times slower than the convolutions around it on the CPU.
 
-    def __init__(self, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0) -> None:
+    "Neighbouring" depends on the channel order, so the order is state: buffer `position` holds
+    the original index of every stored channel. Permuting a net's units (convergent.functional)
+    permutes it with the channels (`reorder`) and the net computes the same function; in the
+    original order (`in_order`) the window is the plain shifted-slice sum, no gather.
+
+    The buffer is persistent: a saved permuted net must come back permuted (a non-persistent
+    buffer would reload as the identity and silently change the function). State dicts saved
+    before it existed (module version 1) load as the stored order, see `_load_from_state_dict`."""
+
+    _version = 2  # 2: the `position` buffer
+
+    def __init__(self, channels: int, size: int = 5, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0) -> None:
         super().__init__()
         self.size, self.alpha, self.beta, self.k = size, alpha, beta, k
+        self.register_buffer("position", torch.arange(channels))
+        self.in_order = True  # position is 0..C-1 (a Python flag: no tensor test in forward, vmap-safe)
+
+    def reorder(self, perm: Tensor) -> None:
+        """Stored channel c becomes the old stored channel perm[c] (with its position)."""
+        self.position = self.position[perm.to(self.position.device)]
+        self.in_order = bool(torch.equal(self.position, torch.arange(len(self.position), device=self.position.device)))
 
     def forward(self, x: Tensor) -> Tensor:
-        channels = x.shape[1]
-        sq = nn.functional.pad(x.square().unsqueeze(1), (0, 0, 0, 0, self.size // 2, (self.size - 1) // 2)).squeeze(1)
-        window = sum(sq[:, d : d + channels] for d in range(self.size))
+        window = channel_window(x * x, self.size, None if self.in_order else self.position)
         return x / (self.k + (self.alpha / self.size) * window).pow(self.beta)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        key = prefix + "position"
+        version = local_metadata.get("version")
+        if (version is None or version < 2) and key not in state_dict:  # saved before the buffer: stored order
+            state_dict[key] = torch.arange(len(self.position))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if key in state_dict and not state_dict[key].is_meta:
+            loaded = state_dict[key].cpu()
+            self.in_order = bool(torch.equal(loaded, torch.arange(len(loaded))))
 
 
 class Stage(nn.Module):
@@ -135,7 +173,7 @@ class AlexNet(nn.Module):
                 pre.append(nn.BatchNorm2d(out))
             pre.append(nn.ReLU())
             post: list[nn.Module] = []
-            norm = [LocalResponseNorm(5, alpha=1e-4, beta=0.75, k=1.0)] if spec.lrn else []
+            norm = [LocalResponseNorm(out, 5, alpha=1e-4, beta=0.75, k=1.0)] if spec.lrn else []
             if lrn == "before_pool":
                 post += norm
             if spec.pool:
