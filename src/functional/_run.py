@@ -158,9 +158,8 @@ def forward_layerwise(net: AlexNet, xs: list[Tensor], **options) -> list[Tensor]
     """The logits (one tensor per batch) of a `layer_steps` pass (same options; the ReLUs work
     in place unless keep_pre=True)."""
     options.setdefault("keep_pre", False)
-    for step in layer_steps(net, xs, **options):
-        pass
-    return step.u
+    *_, last = layer_steps(net, xs, **options)  # run every layer; the last step holds the logits
+    return last.u
 
 
 def channel_shape(v: Tensor) -> tuple[int, ...]:

@@ -349,6 +349,19 @@ def over_training_figure(history: dict[str, list[tuple[int, float]]], family: st
     return fig
 
 
+def end_figures(history: dict, plan):
+    """(key, drawing function) of the figures drawn once, at the end of fit, from the history: a
+    measure over training for every calibrated measure, and with the functional analyses one
+    figure per layer with both kinds of convergence on one step axis."""
+    for family, name in over_training_keys(plan):
+        yield f"over_training/{family}_{name}", lambda family=family, name=name: over_training_figure(history, family, name, plan.layers)
+    if plan.on("functional"):
+        from convergent.functional.figures import convergence_figure
+
+        for layer in plan.layers:
+            yield f"over_training/convergence_{layer}", lambda layer=layer: convergence_figure(history, layer)
+
+
 def over_training_keys(plan) -> list[tuple[str, str]]:
     """(family, name) of every calibrated measure drawn over training at the end of fit: the
     registered measures and mutual information's semi-matching (the sparse path is not drawn)."""
@@ -364,6 +377,16 @@ def _display(patch) -> np.ndarray:
     lo, hi = float(p.min()), float(p.max())
     p = (p - lo) / (hi - lo) if hi > lo else np.zeros_like(p)
     return p[0] if p.shape[0] == 1 else np.transpose(p[:3], (1, 2, 0))
+
+
+def barrier_figure_of(report: StepReport, a: int, b: int) -> Figure | None:
+    """Loss and accuracy along the interpolation of members a and b, one line per method."""
+    from convergent.functional.figures import barrier_figure
+
+    result = report.result("functional")
+    if result is None or (a, b) not in result.results:
+        return None
+    return barrier_figure(result.results[(a, b)].curves, title=f"interpolating m{a} -> m{b}, step {report.step}")
 
 
 def patch_cropper(tops: dict, field, probe_set):
@@ -413,6 +436,8 @@ def _figure_plan(report: StepReport, plan, fields, probe_set):
             yield f"patches/{tag}", lambda a=a, b=b, n=n: patch_figure(report, plan.conv_layers, a, b, fields, probe_set, n)
         if plan.on("cross_layer"):
             yield f"cross_layer/{tag}", lambda a=a, b=b: cross_layer_figure(report, layers, a, b)
+        if plan.on("functional"):
+            yield f"functional/{tag}", lambda a=a, b=b: barrier_figure_of(report, a, b)
     if plan.on("mean_activation"):
         yield "act/mean", lambda: mean_activation_figure(report, layers)
     if plan.on("sparse"):

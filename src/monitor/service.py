@@ -21,7 +21,6 @@ from typing import Any
 from convergent.analysis.budget import BudgetExceeded
 from convergent.analysis.plan import Plan
 from convergent.errors import ConfigError
-from convergent.monitor.plotting import over_training_keys
 from convergent.monitor.probe import PassAbandoned, ProbeRunner
 from convergent.monitor.step import StepReport, analyse
 from convergent.monitor.writer import Writer
@@ -101,8 +100,8 @@ class StepService:
             report = analyse(probe, self.plan, step, full, stop=stop, members=members, batches=batches)
         except BudgetExceeded as e:
             raise StepAbandoned(str(e)) from None
-        for part, seconds in report.seconds.items():
-            self.seconds[f"analysis/{part}"] += seconds
+        for part, seconds in report.seconds.items():  # monitor/seconds/<analysis>
+            self.seconds[part] += seconds
         report.scalars["monitor/analysis_seconds"] = time.perf_counter() - t0
         self.seconds["analyses"] += time.perf_counter() - t0
         t1 = time.perf_counter()
@@ -123,7 +122,7 @@ class StepService:
         if self.writer is None:
             return
         if figures:
-            self.writer.submit_over_training(self.history, over_training_keys(self.plan), self.plan.layers, step)
+            self.writer.submit_over_training(self.history, self.plan, step)
         self.flush()
 
     def flush(self) -> None:

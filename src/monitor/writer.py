@@ -18,7 +18,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from convergent.monitor.plotting import collecting_young_garbage, over_training_figure, step_figures
+from convergent.monitor.plotting import collecting_young_garbage, end_figures, step_figures
 from convergent.monitor.sinks import RunSinks
 from convergent.monitor.step import StepReport
 from convergent.monitor.tables import step_tables
@@ -56,10 +56,10 @@ class Writer:
         """Figures (if `figures`), tables and the npz of a step, in the background."""
         self._put(lambda: self._write_step(report, plan, figures), f"step {report.step}")
 
-    def submit_over_training(self, history: dict, keys: Sequence[tuple[str, str]], layers: Sequence[str], step: int) -> None:
-        """The over-training figures of `keys` ((family, name) pairs) at the end of fit."""
+    def submit_over_training(self, history: dict, plan, step: int) -> None:
+        """The over-training figures at the end of fit (`plotting.end_figures`)."""
         snapshot = {k: list(v) for k, v in history.items()}
-        self._put(lambda: self._write_over_training(snapshot, keys, layers, step), f"over-training figures at step {step}")
+        self._put(lambda: self._write_over_training(snapshot, plan, step), f"over-training figures at step {step}")
 
     def flush(self) -> None:
         """Wait until everything submitted is written."""
@@ -114,11 +114,11 @@ class Writer:
         self.seconds["figures"] += t1 - t0
         self.seconds["write"] += time.perf_counter() - t1
 
-    def _write_over_training(self, history: dict, keys, layers, step: int) -> None:
+    def _write_over_training(self, history: dict, plan, step: int) -> None:
         t0 = time.perf_counter()
         with collecting_young_garbage():
-            for family, name in keys:
-                fig = over_training_figure(history, family, name, layers)
+            for key, draw in end_figures(history, plan):
+                fig = draw()
                 if fig is not None:
-                    self.sinks.figure(f"over_training/{family}_{name}", fig, step)
+                    self.sinks.figure(key, fig, step)
         self.seconds["figures"] += time.perf_counter() - t0

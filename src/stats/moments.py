@@ -627,7 +627,7 @@ class Moments(SumStates):
                     qx[(a, b)] = getattr(self, _block_name("qx", a, b)).clone()
         return GroupedMomentStats(
             self.sizes,
-            getattr(self, "n").clone(),  # (a state; mypy takes `n` for torchmetrics' attribute)
+            self.n.clone(),  # type: ignore[operator]  # (a state; mypy takes `n` for a method)
             [getattr(self, f"sum_{i}").clone() for i in range(len(self.sizes))],
             {(i, j): getattr(self, _block_name("sxx", i, j)).clone() for i, j in self.block_list},
             qq,

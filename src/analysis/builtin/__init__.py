@@ -3,6 +3,7 @@
 from convergent.analysis.builtin import (  # noqa: F401
     correlation,
     cross_layer,
+    functional,
     hierarchical,
     mean_activation,
     mutual_info,
