@@ -16,6 +16,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from convergent.analysis.config import AnalysisConfig
 from convergent.analysis.plan import Plan
@@ -167,8 +168,11 @@ class ConvergenceMonitor(pl.Callback):
         if not abandoned:
             self.done.append(step)
             self.pending = None
-        if not (abandoned and trainer.world_size == 1):
-            self.save_checkpoints(trainer, step)
+        if abandoned and trainer.world_size == 1:
+            # act on the SIGTERM now, not after the next batch: Lightning saves last.ckpt (this step,
+            # pending) in on_exception and convergent-train exits cleanly; the resumed run analyses it first
+            raise SIGTERMException()
+        self.save_checkpoints(trainer, step)
 
     def _figures_due(self, step: int, full: bool) -> bool:
         if self.config.figures == "full":

@@ -150,3 +150,27 @@ def test_does_not_modify_the_callers_activations():
     Moments([3, 3]).update(*acts)
     for a, c in zip(acts, copies):
         assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("shape", [(600, 6), (40, 5, 17, 17), (300, 8, 6, 6)])
+def test_float32_fast_path_equals_float64_on_activations_of_large_mean(shape):
+    """Activations whose mean is 1000 x their spread: naive float32 products (sum x x^T, then
+    subtract the means) lose the covariance entirely; the shifted float32 products summed in float64
+    give correlation and linear CKA within 1e-6 of the float64 path."""
+    from convergent.analysis.measures import linear_cka
+
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(shape, generator=g)
+    acts = [(1000 + base + 0.5 * torch.randn(shape, generator=g)).float() for _ in range(2)]
+    fast, exact = Moments([shape[1]] * 2, product_dtype=torch.float32), Moments([shape[1]] * 2, product_dtype=torch.float64)
+    for lo in range(0, shape[0], 64):
+        fast.update(*[a[lo : lo + 64] for a in acts])
+        exact.update(*[a[lo : lo + 64] for a in acts])
+    f, e = fast.compute(), exact.compute()
+    assert (f.corr(0, 1) - e.corr(0, 1)).abs().max() < 1e-6
+    assert (f.corr(1, 1) - e.corr(1, 1)).abs().max() < 1e-6
+    assert abs(linear_cka(f, 0, 1) - linear_cka(e, 0, 1)) < 1e-6
+    # the naive float32 way fails here: E[x x^T] - m m^T in float32
+    x = flat(acts[0]).astype(np.float32)
+    naive = (x.T @ x) / x.shape[0] - np.outer(x.mean(0), x.mean(0))
+    assert np.abs(naive - e.cov(0, 0).numpy()).max() > 1e-2 * np.abs(e.cov(0, 0).numpy()).max()

@@ -62,14 +62,14 @@ def wandb_runs(run_dir: Path) -> list[Path]:
     return sorted((run_dir / "wandb").glob("offline-run-*"))
 
 
-def start(args, cwd: Path, log: Path) -> subprocess.Popen:
+def start(args, cwd: Path, log: Path, **env) -> subprocess.Popen:
     """The CLI in its own session (process group), so a SIGKILL can take the whole job down, W&B's
     service process included, as a node failure or `scancel -s KILL` would."""
     with open(log, "w") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "convergent.train", *args],
             cwd=cwd,
-            env=cli_env(),
+            env=cli_env(**env),
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -313,6 +313,44 @@ def test_kills_in_every_write_window_sigterm_and_requeue_resume_with_every_analy
     assert wandb_id == first_id
     runs = wandb_runs(run_dir)
     assert len(runs) == 5 and all(r.name.endswith(f"-{wandb_id}") for r in runs), [r.name for r in runs]
+
+
+# --- SIGTERM in the middle of an analysis step ------------------------------------------------------
+@pytest.mark.subprocess
+def test_sigterm_during_an_analysis_step_exits_at_once_with_a_checkpoint_and_the_step_runs_after_resume(tmp_path):
+    """A slow measure (0.3 s an evaluation, tests/plugins/slow_measure.py) makes an analysis step take
+    seconds; SIGTERM in the middle of step 2's: the step is abandoned at the next check, last.ckpt is
+    written and the process exits 0 within 10 s (a cluster's grace period); the resumed run analyses
+    step 2 first, and every analysis step is logged exactly once."""
+    run_dir = tmp_path / "run"
+    marker = tmp_path / "analysing"
+    plugins = Path(__file__).resolve().parent / "plugins"
+    args = ("debug=tiny", "trainer.max_steps=6", "trainer.limit_val_batches=1", "analysis.schedule.kind=every_n_steps",
+            "analysis.schedule.every=2", "analysis.analyses=[mean_activation]", "analysis.plugins=[slow_measure]",
+            "analysis.layers=[conv1]", "analysis.interval.groups=2", "analysis.null.draws=1", "analysis.figures=none",
+            f"hydra.run.dir={run_dir}")  # fmt: skip
+    env = dict(PYTHONPATH=plugins, SLOW_MEASURE_MARKER=marker, SLOW_MEASURE_AFTER=10)  # step 0: 10 evaluations
+    log = tmp_path / "1.log"
+    proc = start(args, tmp_path, log, **env)
+    try:
+        wait_for(marker, proc, log)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        took = time.monotonic() - sent
+    finally:
+        kill_group(proc)
+    output = log.read_text()
+    assert proc.returncode == 0 and took < 10, (proc.returncode, took, output[-3000:])
+    assert "analysis step 2 abandoned" in output and "SIGTERM at step 2" in output, output[-3000:]
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert state["global_step"] == 2
+    log = tmp_path / "2.log"
+    proc = start([f"resume={run_dir}"], tmp_path, log, PYTHONPATH=plugins)
+    assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+    rows = read_csv(run_dir)
+    assert logged_steps(rows, "slow/conv1/wait") == [0, 2, 4, 6]
+    assert logged_steps(rows, "act/conv1/mean") == [0, 2, 4, 6]
 
 
 # --- resuming from an epoch-end checkpoint ------------------------------------------------------
