@@ -31,6 +31,7 @@ from benchmarks.common import (
     Spec,
     evaluate,
 )
+from benchmarks.gpu import probe_pass_cost_224, stats_memory_224
 from benchmarks.matching import max_match_4096
 from benchmarks.measures import one_pass_every_measure
 from benchmarks.monitor import alexnet224_monitor_overhead, monitor_overhead
@@ -50,7 +51,9 @@ REGISTRY: list[Spec] = [
 ]
 CUDA_VARIANTS = ("probe_pass_cost", "ensemble_training", "one_pass_every_measure")
 CUDA_ONLY: list[Spec] = [
-    Spec("vectorized_speedup_cuda", 1.0, ">=", "x", vectorized_speedup, "4 x alexnet_small steps/s, vectorize=true / loop (CUDA)"),
+    Spec("vectorized_speedup_cuda", 1.5, ">=", "x", vectorized_speedup, "4 x alexnet_small steps/s, vectorize=true / loop (CUDA)"),
+    Spec("probe_pass_cost_cuda_224", 1.3, "<=", "x", probe_pass_cost_224, "4 x alexnet 224 px: probe forward + light-step statistics / forward (CUDA)"),
+    Spec("stats_memory_cuda_224", 1.1, "<=", "x", stats_memory_224, "4 x alexnet 224 px: the statistics' GPU memory / the estimate (CUDA)"),
     Spec(
         "alexnet224_monitor_overhead_cuda", 1.25, "<=", "x", alexnet224_monitor_overhead,
         "4 x alexnet at 224 px: convergent-train / callbacks=none (CUDA)",

@@ -62,3 +62,12 @@ def test_alternate_interleaves_in_abba_order():
     ta, tb = common.alternate([measure("A"), measure("B")], rounds=4, warmup=1)
     assert calls == ["A", "B", "A", "B", "B", "A", "A", "B", "B", "A"]
     assert len(ta) == len(tb) == 4
+
+
+def test_the_gpu_figures_run_their_code_path_on_the_cpu():
+    """--quick versions of the 224-px figures on the CPU (the figures themselves need CUDA)."""
+    from benchmarks import gpu
+
+    options = common.Options(quick=True)
+    assert gpu.probe_pass_cost_224(options, device="cpu").value > 0
+    assert gpu.stats_memory_224(options, device="cpu").value == 1.0
