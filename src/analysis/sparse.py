@@ -81,7 +81,6 @@ Pure function: torch only (no Lightning, W&B or Hydra).
 from __future__ import annotations
 
 import math
-
 import operator
 import warnings
 from collections.abc import Sequence
@@ -206,7 +205,7 @@ def _check_inputs(
     if not lam:
         raise ValueError("l1 is empty; pass at least one L1 weight, e.g. l1=(0, 1e-3)")
     for v in lam:
-        if not v == v or v in (float("inf"), float("-inf")):
+        if not math.isfinite(v):
             raise ValueError(f"L1 weight {v} is not finite; use finite values >= 0")
         if v < 0:
             raise ValueError(f"L1 weight {v} is negative; L1 weights must be >= 0 (0 = least squares)")
@@ -360,11 +359,12 @@ def _line_search(R: Tensor, G: Tensor, W: Tensor, D: Tensor, lam: float) -> tupl
     jump = torch.where(cross, 2.0 * lam * D.abs(), torch.zeros_like(D))  # derivative jumps at the kinks
     tau_s, order = torch.sort(tau, dim=0, stable=True)
     jump_s = torch.gather(jump, 0, order)
-    one = torch.ones(1, n, dtype=W.dtype, device=W.device)
-    tau_s, jump_s = torch.cat([tau_s, one]), torch.cat([jump_s, one * math.inf])  # t = 1 ends the segment
-    before_jumps = torch.cumsum(jump_s, 0) - jump_s
+    total = torch.cumsum(jump_s, 0)
+    before_jumps = torch.cat([total - jump_s, total[-1:]])  # jumps before each kink; t = 1 ends the segment
+    tau_s = torch.cat([tau_s, torch.ones(1, n, dtype=W.dtype, device=W.device)])
     before = d0 + curv * tau_s + before_jumps  # derivative just before each kink
-    i = (before + jump_s >= 0).to(torch.int8).argmax(0, keepdim=True)  # first kink it is >= 0 after
+    after = before + torch.cat([jump_s, jump_s.new_full((1, n), math.inf)])
+    i = (after >= 0).to(torch.int8).argmax(0, keepdim=True)  # the first kink it is >= 0 after (t = 1 at last)
     t_i = tau_s.gather(0, i).squeeze(0)
     prev = torch.where(i > 0, tau_s.gather(0, (i - 1).clamp_min(0)), torch.zeros_like(t_i.unsqueeze(0))).squeeze(0)
     inside = before.gather(0, i).squeeze(0) >= 0  # the root lies before that kink
@@ -423,11 +423,12 @@ def _solve_one(
         balance = None
         if not polish:
             steps = min(_ADMM_STEPS, max_iter - it - 1)  # and the active-set step: max_iter in all
-            for _ in range(steps):
-                Wh = _RELAX * (P @ (Bt + rho * (Zt - Ut))) + (1.0 - _RELAX) * Zt
+            for i in range(steps):
+                Wh = torch.addmm(Zt, P, Bt + rho * (Zt - Ut), alpha=_RELAX, beta=1.0 - _RELAX)
                 Zn = F.softshrink(Wh + Ut, lam / rho)
                 Ut = Ut + Wh - Zn
-                balance = (float((Wh - Zn).norm()), rho * float((Zn - Zt).norm()))  # primal, dual residuals
+                if i == steps - 1:
+                    balance = (float((Wh - Zn).norm()), rho * float((Zn - Zt).norm()))  # primal, dual residuals
                 Zt = Zn
             it += steps
         polish = False
