@@ -15,6 +15,7 @@ Pure function: torch only.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
