@@ -85,7 +85,8 @@ or after ``max_iter`` iterations per L1 weight (ADMM steps + active-set steps; `
 with R's condition number). The reported ``kkt`` is always the returned weights' own. Inside a
 :func:`convergent.analysis.budget.budget`, every block of steps calls
 :func:`~convergent.analysis.budget.check`, so a time budget or a stop request (SIGTERM) ends it
-within one block (tens of ms at 384 units). At convergence the weights agree with sklearn's
+within one ADMM step or one batch of exact solves (measured: under 0.1 s late at 384 units).
+At convergence the weights agree with sklearn's
 ``Lasso(tol=1e-10)`` to ~1e-9.
 
 Pure function: torch only (no Lightning, W&B or Hydra).
@@ -334,6 +335,7 @@ def _support_solve(gram: _Gram, rhs: Tensor, mask: Tensor) -> tuple[Tensor, Tens
         targets = direct[group]
         step = max(1, _CHUNK_ELEMENTS // (size * size))
         for a in range(0, len(targets), step):
+            check()
             tg = targets[a : a + step]
             A, index, valid = _gather_systems(gram.R, mask[:, tg].T, size)
             chol, info = torch.linalg.cholesky_ex(A)
@@ -352,6 +354,7 @@ def _support_solve(gram: _Gram, rhs: Tensor, mask: Tensor) -> tuple[Tensor, Tens
                 continue
             step = max(1, _CHUNK_ELEMENTS // (size * size))
             for a in range(0, len(group), step):
+                check()
                 g = group[a : a + step]
                 A, index, valid = _gather_systems(M, ~mask[:, via[g]].T, size)
                 chol, info = torch.linalg.cholesky_ex(A)
@@ -443,6 +446,7 @@ def _solve_one(
         if not polish:
             steps = min(_ADMM_STEPS, max_iter - it - 1)  # and the active-set step: max_iter in all
             for i in range(steps):
+                check()
                 Wh = torch.addmm(Zt, P, Bt + rho * (Zt - Ut), alpha=_RELAX, beta=1.0 - _RELAX)
                 Zn = F.softshrink(Wh + Ut, lam / rho)
                 Ut = Ut + Wh - Zn
