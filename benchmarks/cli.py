@@ -36,7 +36,7 @@ from benchmarks.matching import max_match_4096
 from benchmarks.measures import one_pass_every_measure
 from benchmarks.monitor import alexnet224_monitor_overhead, monitor_overhead
 from benchmarks.probe_pass import child_memory, probe_pass_cost, stats_memory
-from benchmarks.sparse import sparse_speedup
+from benchmarks.sparse import sparse_384, sparse_speedup
 from benchmarks.training import ensemble_training, vectorized_speedup
 
 # --- the suite -----------------------------------------------------------------------------------
@@ -45,6 +45,7 @@ REGISTRY: list[Spec] = [
     Spec("stats_memory", 1.05, "<=", "x", stats_memory, "peak memory of the statistics, probe 8,000 / 1,000 images"),
     Spec("monitor_overhead", 1.25, "<=", "x", monitor_overhead, "convergent-train / the same with callbacks=none"),
     Spec("sparse_speedup", 50.0, ">=", "x", sparse_speedup, "sklearn Lasso path per target / sparse_prediction"),
+    Spec("sparse_384", 10.0, "<", "s", sparse_384, "sparse_prediction at conv3 width on collinear activations (seconds)"),
     Spec("max_match_4096", 3.0, "<", "s", max_match_4096, "max_match on a 4096 x 4096 correlation matrix (seconds)"),
     Spec("ensemble_training", 0.95, ">=", "x", ensemble_training, "images/s per member, K=4 / K=1 (Lightning)"),
     Spec("one_pass_every_measure", 1.0, "<=", "x", one_pass_every_measure, "one pass + every analysis / torch-cka CKA"),

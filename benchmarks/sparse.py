@@ -106,3 +106,61 @@ def sparse_speedup(options: Options) -> Measured:
     )
 
 
+# --- 4b. sparse_384 (issue 20) ------------------------------------------------------------------
+def sparse_384(options: Options) -> Measured:
+    """Seconds of `sparse_prediction` at conv3 width (384 units) on collinear activations: conv3 of
+    two random-init paper AlexNets (227 px) on nearly uniform images (one colour per image plus
+    1e-3 noise, so every position of an image sees almost the same input), fit / held-out split
+    on even / odd images as the monitor does, one direction, the default L1 path, tol and max_iter.
+    Full runs also time the solver before issue 20 (`_sparse_fista`) on the same Gram matrices."""
+    import warnings as _warnings
+
+    from convergent.analysis._sparse_fista import lasso_gram_path_fista
+    from convergent.analysis.builtin.sparse import SparseOptions
+    from convergent.analysis.sparse import sparse_prediction
+    from convergent.ensemble import build_member
+    from convergent.stats import Moments
+
+    s = SparseOptions()
+    n_images = 40  # 20 fit + 20 held-out images: samples > units, nearly collinear (fewer: singular)
+    paper = {"name": "alexnet", "width": 1.0, "groups": 1, "lrn": "after_pool", "dropout": 0.5, "batch_norm": False}
+    members = [build_member(paper, seed, 1000, 3, 227).eval() for seed in (0, 1)]
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(n_images, 3, 1, 1, generator=g) * 2 - 1 + 1e-3 * torch.randn(n_images, 3, 227, 227, generator=g)
+    units = members[0].layer_width("conv3")
+    fit, held = (Moments([units, units], product_dtype=torch.float32) for _ in range(2))
+    with torch.no_grad():
+        for start in range(0, n_images, 8):
+            x = images[start : start + 8]
+            even = (torch.arange(start, start + len(x)) % 2) == 0
+            acts = [m(x, taps=["conv3"])[1]["conv3"] for m in members]
+            fit.update(*[a[even] for a in acts])
+            held.update(*[a[~even] for a in acts])
+    fit_s, held_s = fit.compute(), held.compute()
+    results = []
+
+    def ours() -> None:
+        with _warnings.catch_warnings():
+            _warnings.simplefilter("ignore", RuntimeWarning)  # convergence is reported below
+            results.append(sparse_prediction(fit_s, held_s, 0, 1, l1=s.l1, tol=s.tol, max_iter=s.max_iter))
+
+    times = [stopwatch(ours)() for _ in range(options.pick(full=3, quick=1))]
+    res = results[-1]
+    detail = (
+        f"conv3 ({units} units, {int(res.live_src.sum())} live) of 2 x paper AlexNet (random init, 227 px), {n_images} "
+        f"nearly uniform images x 13 x 13 positions ({res.n_fit}/{res.n_held_out} fit/held-out samples), condition "
+        f"number of the sources' correlations {res.condition:.3g}; l1 path {list(s.l1)}, tol {s.tol}, max_iter "
+        f"{s.max_iter}: {spread(times)}, converged {int(res.converged.sum())} of {len(s.l1)}, iterations "
+        f"{res.iterations.tolist()}"
+    )
+    if not options.quick:
+        live_x, live_y = ~fit_s.dead(0), ~fit_s.dead(1)
+        R = fit_s.corr(0, 0)[live_x][:, live_x].contiguous()
+        B = fit_s.corr(0, 1)[live_x][:, live_y].contiguous()
+        before = stopwatch(lambda: results.append(lasso_gram_path_fista(R, B, s.l1, max_iter=s.max_iter, tol=s.tol)))()
+        conv_before = results[-1][3]
+        detail += (
+            f"; the solver before issue 20 (FISTA + padded Newton steps) on the same matrices: {before:.3g} s, converged "
+            f"{int(conv_before.sum())} of {len(s.l1)}: speed-up x{before / median(times):.3g}"
+        )
+    return Measured(median(times), detail, ok=bool(res.converged.all()))

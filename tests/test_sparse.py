@@ -295,3 +295,179 @@ def test_cuda_matches_cpu():
     assert gpu.weights.device.type == "cuda" and gpu.error.device.type == "cuda"
     torch.testing.assert_close(gpu.weights.cpu(), cpu.weights, atol=1e-8, rtol=0)
     torch.testing.assert_close(gpu.error.cpu(), cpu.error, atol=1e-10, rtol=0)
+
+
+# 7 ---------------------------------------------------------------------------------------------
+def _collinear_pair(n_images=24, positions=25, p=40, t=12, noise=1e-3, seed=10):
+    """'Nearly uniform images': every position of an image sees almost the same input, so the
+    samples are a few dozen distinct vectors plus tiny noise and the sources are nearly collinear."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n_images, 1, 6, generator=g, dtype=f64).expand(-1, positions, -1)
+    z = (z + noise * torch.randn(n_images, positions, 6, generator=g, dtype=f64)).reshape(-1, 6)
+
+    def net(c):
+        return torch.relu(z @ torch.randn(6, c, generator=g, dtype=f64) + 0.3)
+
+    return net(p), net(t), (n_images // 2) * positions
+
+
+def _objective_np(r, b, w, lam):
+    return 0.5 * w @ r @ w - b @ w + lam * np.abs(w).sum()
+
+
+def _violation(r, b, w, lam):
+    g = b - r @ w
+    return np.where(w != 0, np.abs(g - lam * np.sign(w)), np.maximum(np.abs(g) - lam, 0.0)).max(0)
+
+
+def test_collinear_activations_converge_and_match_sklearn_where_it_converges():
+    from sklearn.exceptions import ConvergenceWarning
+
+    xa, xb, n_fit = _collinear_pair()
+    fit, held = _stats(xa, xb, n_fit)
+    l1 = DEFAULT_L1
+    res = sparse_prediction(fit, held, 0, 1, l1, tol=1e-6, max_iter=3000)
+    assert res.condition > 1e6  # genuinely collinear
+    assert res.converged.all() and (res.iterations <= 3000).all()
+    live = res.live_src
+    r, bmat = fit.corr(0, 0)[live][:, live].numpy(), fit.corr(0, 1)[live].numpy()
+    xs = _standardise(xa[:n_fit].numpy()[:, live.numpy()], xa[:n_fit].numpy()[:, live.numpy()])
+    ys = _standardise(xb[:n_fit], xb[:n_fit])
+    compared = exact = 0
+    for i, lam in enumerate(l1):
+        if lam == 0:
+            continue
+        w_all = res.weights[i][:, live].numpy().T  # [p_live, t]
+        kkt = _violation(r, bmat, w_all, lam)
+        for j in range(6):  # sklearn's coordinate descent is slow on collinear data: a few targets
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", ConvergenceWarning)
+                try:
+                    sk = Lasso(alpha=lam, fit_intercept=True, tol=1e-12, max_iter=50_000).fit(xs, ys[:, j])
+                except ConvergenceWarning:
+                    continue
+            compared += 1
+            w, ws = w_all[:, j], sk.coef_
+            f_ours, f_sk = _objective_np(r, bmat[:, j], w, lam), _objective_np(r, bmat[:, j], ws, lam)
+            # a KKT violation eps bounds the suboptimality: f(w) - f(w') <= eps |w - w'|_1 for any w'
+            assert f_ours <= f_sk + kkt[j] * np.abs(w - ws).sum() + 1e-12, (lam, j)
+            if kkt[j] < 1e-12:  # ours exact: sklearn's fitted values are as close as its objective says
+                exact += 1
+                diff = w - ws
+                assert diff @ r @ diff <= 2.0 * max(f_sk - f_ours, 0.0) + 1e-10, (lam, j)
+    assert compared >= 15 and exact >= 10
+
+
+def test_collinear_not_converged_is_reported_honestly():
+    xa, xb, n_fit = _collinear_pair()
+    fit, held = _stats(xa, xb, n_fit)
+    with pytest.warns(RuntimeWarning, match=r"not converged for l1=\[1e-05\] after 300 iterations .*condition number"):
+        res = sparse_prediction(fit, held, 0, 1, tol=1e-9, max_iter=300)
+    assert (res.iterations <= 300).all() and not res.converged[1] and res.converged[2:].all()
+    live = res.live_src
+    r, bmat = fit.corr(0, 0)[live][:, live].numpy(), fit.corr(0, 1)[live].numpy()
+    for i, lam in enumerate(DEFAULT_L1):  # the reported violation is the returned weights' own
+        viol = _violation(r, bmat, res.weights[i][:, live].numpy().T, lam).max()
+        assert viol == pytest.approx(float(res.kkt[i]), rel=1e-6, abs=1e-13)
+        assert bool(res.converged[i]) == (viol <= 1e-9)
+
+
+def test_new_solver_agrees_with_the_previous_one():
+    from convergent.analysis._sparse_fista import lasso_gram_path_fista
+    from convergent.analysis.sparse import lasso_gram_path
+
+    xa, xb = _relu_pair(n=2000, p=20, t=10, seed=11)
+    fit, _ = _stats(xa, xb, 1500)
+    R, B = fit.corr(0, 0), fit.corr(0, 1)
+    l1 = (0.0, 1e-4, 1e-3, 1e-2, 1e-1)
+    new, _, _, conv_new = lasso_gram_path(R, B, l1, tol=1e-11)
+    old, _, _, conv_old = lasso_gram_path_fista(R, B, l1, tol=1e-11)
+    assert conv_new.all() and conv_old.all()
+    torch.testing.assert_close(new, old, atol=1e-8, rtol=0)
+
+
+def test_warm_start_same_answer_fewer_iterations():
+    xa, xb = _relu_pair(n=3000, p=24, t=16, seed=12)
+    fit, held = _stats(xa, xb, 2000)
+    l1 = (0.0, 1e-4, 1e-3, 1e-2, 1e-1)
+    first = sparse_prediction(fit, held, 0, 1, l1, tol=1e-10)
+    # the next analysis step: the nets have moved a little
+    g = torch.Generator().manual_seed(13)
+    xb2 = xb + 0.05 * torch.randn(xb.shape, generator=g, dtype=f64)
+    fit2, held2 = _stats(xa, xb2, 2000)
+    cold = sparse_prediction(fit2, held2, 0, 1, l1, tol=1e-10)
+    warm = sparse_prediction(fit2, held2, 0, 1, l1, tol=1e-10, warm_start=first)
+    assert cold.converged.all() and warm.converged.all()
+    torch.testing.assert_close(warm.weights, cold.weights, atol=1e-8, rtol=0)
+    torch.testing.assert_close(warm.error, cold.error, atol=1e-10, rtol=0)
+    assert int(warm.iterations.sum()) < int(cold.iterations.sum())
+    # from its own solution: nothing left to do
+    again = sparse_prediction(fit2, held2, 0, 1, l1, tol=1e-10, warm_start=warm)
+    assert int(again.iterations.sum()) == 0
+    torch.testing.assert_close(again.weights, warm.weights, atol=0, rtol=0)
+    # a result over other L1 weights warm-starts the ones it shares; the others start cold
+    partial = sparse_prediction(fit2, held2, 0, 1, (1e-3, 3e-3), tol=1e-10, warm_start=first)
+    torch.testing.assert_close(partial.weights[0], cold.weights[2], atol=1e-8, rtol=0)
+    with pytest.raises(ValueError, match="pass the previous result of the same pair and layer"):
+        sparse_prediction(fit2, held2, 1, 0, l1, warm_start=first)
+    with pytest.raises(TypeError, match="warm_start must be a SparsePrediction"):
+        sparse_prediction(fit2, held2, 0, 1, l1, warm_start=first.weights)
+
+
+def test_budget_cuts_the_solver_short():
+    from convergent.analysis.budget import BudgetExceeded, budget
+
+    xa, xb, n_fit = _collinear_pair(seed=14)
+    fit, held = _stats(xa, xb, n_fit)
+    with pytest.raises(BudgetExceeded, match="sparse conv3 cut short"), budget(0.0, what="sparse conv3"):
+        sparse_prediction(fit, held, 0, 1, tol=1e-12)
+    with pytest.raises(BudgetExceeded) as info, budget(None, what="sparse conv3", stop=lambda: True):
+        sparse_prediction(fit, held, 0, 1, tol=1e-12)
+    assert info.value.reason == "stop"
+    sparse_prediction(fit, held, 0, 1, (0.0,))  # l = 0 alone is one direct solve: nothing to cut
+
+
+# 8 ---------------------------------------------------------------------------------------------
+def test_line_search_finds_the_best_point_on_the_segment():
+    from convergent.analysis.sparse import _line_search, _objective
+
+    g = torch.Generator().manual_seed(15)
+    p, t, lam = 12, 40, 0.05
+    x = torch.randn(300, p, generator=g, dtype=f64) @ torch.randn(p, p, generator=g, dtype=f64)
+    R = torch.corrcoef(x.T)
+    B = 0.4 * torch.randn(p, t, generator=g, dtype=f64)
+    W = torch.randn(p, t, generator=g, dtype=f64) * (torch.rand(p, t, generator=g) < 0.5)
+    target = torch.randn(p, t, generator=g, dtype=f64) * (torch.rand(p, t, generator=g) < 0.5)
+    D = target - W
+    out, step = _line_search(R, B - R @ W, W, D, lam)
+    grid = torch.linspace(0, 1, 4001, dtype=f64)
+    values = torch.stack([_objective(R, B, W + s * D, lam) for s in grid])  # [grid, t]
+    ours = _objective(R, B, out, lam)
+    assert (ours <= values.min(0).values + 1e-12).all()
+    assert (ours <= _objective(R, B, W, lam) + 1e-15).all() and ((step >= 0) & (step <= 1)).all()
+    assert (step > 0).sum() > t // 4  # most directions here go downhill somewhere
+
+
+def test_support_solves_direct_and_through_the_inverse_are_exact():
+    from convergent.analysis.sparse import _Gram, _support_solve
+
+    g = torch.Generator().manual_seed(16)
+    p, t = 30, 24
+    R = torch.corrcoef((torch.randn(500, p, generator=g, dtype=f64) @ torch.randn(p, p, generator=g, dtype=f64)).T)
+    rhs = torch.randn(p, t, generator=g, dtype=f64)
+    sizes = torch.linspace(0, p, t).round().long()  # empty, small, half, near-full and full supports
+    mask = torch.zeros(p, t, dtype=torch.bool)
+    for j, k in enumerate(sizes.tolist()):
+        mask[torch.randperm(p, generator=g)[:k], j] = True
+    gram = _Gram.of(R)
+    assert gram.inverse is not None
+    direct = _Gram(gram.R, gram.evals, gram.evecs, None)  # no inverse: every system on its support
+    for which in (gram, direct):
+        X, ok = _support_solve(which, rhs, mask)
+        assert ok.all()
+        for j in range(t):
+            a = mask[:, j]
+            expected = torch.zeros(p, dtype=f64)
+            if a.any():
+                expected[a] = torch.linalg.solve(R[a][:, a], rhs[a, j])
+            torch.testing.assert_close(X[:, j], expected, atol=1e-10, rtol=0)

@@ -14,7 +14,7 @@ Measures (registered, with their declared properties, in `convergent.analysis.bu
   norm sums ``qq``/``qx`` (``Moments(..., cka_sums=True)``, the default); nothing else.
 * :func:`cca` / :func:`canonical_correlations` - ridge-regularised CCA (mean canonical correlation,
   and the correlations with their directions), :func:`svcca` (Raghu et al. 2017) and :func:`pwcca`
-  (Morcos et al. 2018). With samples <= units they warn with :class:`SampleSizeWarning`: the
+  (Morcos et al. 2018; ``variant="google_svcca"`` reproduces google/svcca's ``compute_pwcca``). With samples <= units they warn with :class:`SampleSizeWarning`: the
   canonical correlations are then all ~1 whatever the nets compute.
 * :func:`procrustes` - orthogonal Procrustes similarity of centred, Frobenius-normalised
   activations, ``||C_ab||_* / sqrt(tr C_aa tr C_bb)`` in [0, 1], and :func:`procrustes_distance`.
@@ -35,12 +35,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from convergent.analysis.svcca_compat import google_svcca_pwcca
 from convergent.stats.moments import Moments, MomentStats, flatten_samples
 
 __all__ = [
     "DEFAULT_EPSILON",
     "DEFAULT_KEEP",
     "DEFAULT_RANK_TOL",
+    "PWCCA_VARIANTS",
     "CCAResult",
     "SampleSizeWarning",
     "canonical_correlations",
@@ -353,17 +355,44 @@ def pwcca_weights(
     return w, res.rho
 
 
+#: :func:`pwcca` variants: the paper's definition (default) and google/svcca's ``compute_pwcca``
+#: (on the centred activations).
+PWCCA_VARIANTS = ("morcos2018", "google_svcca")
+
+
 def pwcca(
-    stats: MomentStats, a: int, b: int, epsilon: float = DEFAULT_EPSILON, rank_tol: float = DEFAULT_RANK_TOL
+    stats: MomentStats,
+    a: int,
+    b: int,
+    epsilon: float | None = None,
+    rank_tol: float = DEFAULT_RANK_TOL,
+    variant: str = "morcos2018",
 ) -> float:
-    """Projection-weighted CCA (Morcos et al. 2018): ``sum_i alpha_i rho_i`` with the weights of
-    :func:`pwcca_weights`, which describe how much of net ``a``'s units each canonical variate
-    accounts for. Not symmetric: ``pwcca(s, a, b) != pwcca(s, b, a)`` in general. Differences from
-    Morcos et al.'s code: the weights always come from the first net (theirs: the net with fewer
-    units) and use centred activations (theirs add the means back), so it is translation-invariant.
+    """Projection-weighted CCA (Morcos et al. 2018) of nets ``a`` and ``b``, in [0, 1].
+
+    ``variant="morcos2018"`` (default): the paper's definition, ``sum_i alpha_i rho_i`` with the
+    weights of :func:`pwcca_weights` (how much of net ``a``'s centred units each canonical variate
+    accounts for). Not symmetric: ``pwcca(s, a, b) != pwcca(s, b, a)`` in general; weights always
+    from net ``a``; translation-invariant. ``epsilon`` is our relative ridge (default
+    :data:`DEFAULT_EPSILON`), ``rank_tol`` as in :func:`canonical_correlations`.
+
+    ``variant="google_svcca"``: google/svcca's ``compute_pwcca(acts_a - mean_a, acts_b - mean_b,
+    epsilon)``, their published code on the centred activations: weights from the net with fewer
+    kept units, projections on unwhitened directions; translation-invariant. ``epsilon`` is theirs
+    (default 0, as theirs; ``rank_tol`` is unused). On uncentred activations their code's value
+    also depends on the arbitrary signs of LAPACK's singular vectors; that mode, and every step,
+    is in :mod:`convergent.analysis.svcca_compat` (``google_svcca_pwcca(..., centred=False)``),
+    with the cases where their code has no answer (NaN, an exception) and ours returns one.
     """
-    w, rho = pwcca_weights(stats, a, b, epsilon=epsilon, rank_tol=rank_tol)
-    return min(max(float(w @ rho), 0.0), 1.0) if rho.numel() else 0.0
+    if variant not in PWCCA_VARIANTS:
+        raise ValueError(f"unknown pwcca variant {variant!r}; choose one of {', '.join(PWCCA_VARIANTS)}")
+    if variant == "morcos2018":
+        w, rho = pwcca_weights(stats, a, b, epsilon=DEFAULT_EPSILON if epsilon is None else epsilon, rank_tol=rank_tol)
+        return min(max(float(w @ rho), 0.0), 1.0) if rho.numel() else 0.0
+    if stats.n <= stats.sizes[a] + stats.sizes[b]:
+        _warn_samples("pwcca", stats.n, (stats.sizes[a], stats.sizes[b]), "units", a, b)
+    res = google_svcca_pwcca(stats, a, b, epsilon=0.0 if epsilon is None else epsilon, centred=True)
+    return min(max(res.value, 0.0), 1.0)
 
 
 # --------------------------------------------------------------------------------------------------

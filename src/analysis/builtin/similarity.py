@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from convergent.analysis import measures
 from convergent.analysis.registry import INVARIANCES, register_measure
-from convergent.errors import ConfigError
+from convergent.errors import ConfigError, check_choice
 
 
 @dataclass
@@ -17,8 +17,10 @@ class CCAOptions:
 
     svcca_keep: float = 0.99  # SVCCA: variance kept by the top singular directions
     epsilon: float = 1.0e-6  # ridge, relative to the mean unit variance
+    pwcca_variant: str = "morcos2018"  # morcos2018 (the paper's canonical variates) | google_svcca (google/svcca's compute_pwcca)
 
     def __post_init__(self) -> None:
+        check_choice(self.pwcca_variant, measures.PWCCA_VARIANTS, "analysis.cca.pwcca_variant")
         if not 0 < self.svcca_keep <= 1:
             raise ConfigError(f"analysis.cca.svcca_keep={self.svcca_keep} must be in (0, 1]")
         if self.epsilon < 0:
@@ -61,7 +63,7 @@ register_measure(
 register_measure(
     "cca/pwcca",
     measures.pwcca,
-    options=lambda c: {"epsilon": c.cca.epsilon},
+    options=lambda c: {"epsilon": c.cca.epsilon, "variant": c.cca.pwcca_variant},
     invariances=frozenset({"permutation", "isotropic_scaling", "translation"}),
     symmetric=False,
     **_SIM,
