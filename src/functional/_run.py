@@ -56,10 +56,11 @@ def as_probe(batches: Iterable, device: torch.device) -> Probe:
 
 
 def working_copy(net: AlexNet) -> AlexNet:
-    """A private eval-mode, channels_last copy (the caller's net keeps its mode and layout)."""
+    """A private eval-mode, float32, channels_last copy (the caller's net keeps its mode, dtype and
+    layout: a bf16/fp16 member is evaluated in float32, like the probe images)."""
     import copy
 
-    out = copy.deepcopy(net).eval()
+    out = copy.deepcopy(net).eval().float()
     for p in out.parameters():
         p.requires_grad_(False)
     return out.to(memory_format=torch.channels_last)

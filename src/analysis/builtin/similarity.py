@@ -63,7 +63,8 @@ register_measure(
 register_measure(
     "cca/pwcca",
     measures.pwcca,
-    options=lambda c: {"epsilon": c.cca.epsilon, "variant": c.cca.pwcca_variant},
+    # google/svcca's own epsilon means something else (an absolute ridge after rescaling): its default, 0
+    options=lambda c: {"epsilon": c.cca.epsilon if c.cca.pwcca_variant == "morcos2018" else None, "variant": c.cca.pwcca_variant},
     invariances=frozenset({"permutation", "isotropic_scaling", "translation"}),
     symmetric=False,
     **_SIM,
