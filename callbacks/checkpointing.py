@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -29,25 +30,45 @@ def save_checkpoint_atomic(trainer: pl.Trainer, path: Path) -> None:
         os.replace(tmp, path)
 
 
-def save_step_checkpoints(trainer: pl.Trainer, ckpt_dir: Path, step: int, keep: bool) -> None:
-    """The checkpoints of analysis step `step`: `analysis/step=<step>.ckpt` (when `keep`), then the
-    same bytes as `last.ckpt`, each written atomically (every rank calls this). In this order a
-    kill between the two leaves last.ckpt at the previous checkpoint, so the resumed run analyses
-    this step again and rewrites its checkpoint: every logged step keeps the checkpoint of the
-    values logged. (The other order could leave a step logged and resumed past without its own.)"""
+def save_step_checkpoints(
+    trainer: pl.Trainer, ckpt_dir: Path, step: int, keep: bool, after_writes: Callable[[Callable[[], None]], None] | None = None
+) -> None:
+    """The checkpoints of analysis step `step`: `analysis/step=<step>.ckpt` (when `keep`, else a
+    temporary one), written atomically now (every rank calls this), then published as `last.ckpt`.
+
+    `after_writes(job)` runs `job` once everything the step handed to the background writer (its
+    npz, tables, figures) is on disk; without it the copy happens at once. So `last.ckpt` never
+    passes a step whose outputs are incomplete: a kill before they are written resumes from the
+    previous checkpoint, which analyses the step again. In this order a kill between the two files
+    also leaves last.ckpt at the previous checkpoint, so every logged step keeps the checkpoint of
+    the values logged. (The other order could leave a step logged and resumed past without its own.)"""
     ckpt_dir = Path(ckpt_dir)
     last = ckpt_dir / "last.ckpt"
-    if not keep:
-        save_checkpoint_atomic(trainer, last)
-        return
-    kept = ckpt_dir / "analysis" / f"step={step}.ckpt"
+    kept = ckpt_dir / "analysis" / f"step={step}.ckpt" if keep else ckpt_dir / f".tmp-step={step}.ckpt"
     save_checkpoint_atomic(trainer, kept)
-    if trainer.is_global_zero:
+    if not trainer.is_global_zero:
+        return
+
+    def publish() -> None:
+        if not keep:
+            os.replace(kept, last)
+            return
         # a copy (not a link: the next analysis step rewrites last.ckpt), renamed atomically
         tmp = last.with_name(f".tmp-{last.name}")
         with open(kept, "rb") as src, open(tmp, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
         os.replace(tmp, last)
+
+    (after_writes or (lambda job: job()))(publish)
+
+
+def flush_analysis_writes(trainer: pl.Trainer) -> None:
+    """Wait until the monitor's background writer has written every analysis step handed to it
+    (and published their last.ckpt), so a last.ckpt written now is not overwritten by an older one."""
+    for callback in trainer.callbacks:  # type: ignore[attr-defined]
+        flush = getattr(callback, "flush_writes", None)
+        if callable(flush):
+            flush()
 
 
 def ends_epoch(trainer: pl.Trainer, batch_idx: int) -> bool:
@@ -86,16 +107,20 @@ class LastCheckpoint(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
         if ends_epoch(trainer, batch_idx) and self._epoch_due(trainer):
+            flush_analysis_writes(trainer)
             save_checkpoint_atomic(trainer, self.last)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.num_training_batches == float("inf") and self._epoch_due(trainer):  # no known last batch
+            flush_analysis_writes(trainer)
             save_checkpoint_atomic(trainer, self.last)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        flush_analysis_writes(trainer)
         save_checkpoint_atomic(trainer, self.last)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException):
+            flush_analysis_writes(trainer)
             save_checkpoint_atomic(trainer, self.last)
             self.sigterm_step = int(trainer.global_step)

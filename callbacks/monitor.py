@@ -184,5 +184,13 @@ class ConvergenceMonitor(pl.Callback):
         return step == 0 or self._at_end or len(self.done) % self.config.full_every == 0
 
     def save_checkpoints(self, trainer, step: int) -> None:
-        """The checkpoint of this analysis step, also as last.ckpt (resume after this step)."""
-        save_step_checkpoints(trainer, self.run_dir / "checkpoints", step, self.config.save_checkpoints)
+        """The checkpoint of this analysis step, also as last.ckpt (resume after this step) once
+        the step's background writes are done (see save_step_checkpoints)."""
+        writer = self.service.writer if self.service is not None else None
+        after_writes = None if writer is None else (lambda job: writer.after_writes(job, f"last.ckpt of step {step}"))
+        save_step_checkpoints(trainer, self.run_dir / "checkpoints", step, self.config.save_checkpoints, after_writes)
+
+    def flush_writes(self) -> None:
+        """Wait for the background writer (LastCheckpoint calls this before it writes last.ckpt)."""
+        if self.service is not None:
+            self.service.flush()

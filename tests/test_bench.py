@@ -11,7 +11,7 @@ from benchmarks import cli as bench
 from benchmarks import common
 from convergent import bench as entry
 
-QUICK = ("max_match_4096", "stats_memory", "probe_pass_cost")
+QUICK = ("max_match_4096", "probe_pass_cost")  # stats_memory (fresh processes, ~30 s) runs in the slow test below
 
 
 def test_quick_figures_json(tmp_path):
@@ -71,3 +71,11 @@ def test_the_gpu_figures_run_their_code_path_on_the_cpu():
     options = common.Options(quick=True)
     assert gpu.probe_pass_cost_224(options, device="cpu").value > 0
     assert gpu.stats_memory_224(options, device="cpu").value == 1.0
+
+
+@pytest.mark.slow
+def test_quick_stats_memory_figure(tmp_path):
+    out = tmp_path / "out.json"
+    assert bench.main(["--quick", "--only", "stats_memory", "--json", str(out)]) == 0
+    (figure,) = json.loads(out.read_text())
+    assert figure["name"] == "stats_memory" and math.isfinite(figure["value"]) and figure["value"] > 0.5, figure

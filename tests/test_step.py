@@ -47,7 +47,7 @@ def test_an_analysis_past_its_budget_is_cut_short_and_reported_the_others_finish
     t0 = time.monotonic()
     report = analyse(tiny_probe(plan), plan, step=3)
     failures = [f for f in report.failures if "procrustes/similarity" in f]
-    assert len(failures) == 2 and all("over its time budget of 0.2 s" in f and f.startswith("step 3: ") for f in failures), report.failures
+    assert len(failures) == 2 and all("its time budget of 0.2 s ran out" in f and f.startswith("step 3: ") for f in failures), report.failures
     assert len(slow_calls) < 2 * 8  # cut short: a full calibration is 1 + 10 + 2 evaluations per layer
     assert "procrustes/conv1/similarity" not in report.scalars
     assert "cka/conv1/linear" in report.scalars and "align/fc6/max_match/ci_lo" in report.scalars  # the others finished
@@ -108,3 +108,28 @@ def test_a_failing_write_is_reported_not_raised(tmp_path):
     writer.flush()
     assert writer.failures == ["step 5: writing failed: OSError: disk full"]
     writer.close()
+
+
+def test_a_job_after_writes_runs_once_the_steps_files_exist_and_nothing_hangs_after_close(tmp_path):
+    """The monitor publishes last.ckpt through `after_writes`: it must not run before the step's npz."""
+    writer = Writer(tmp_path, [], background=True)
+    gate = threading.Event()
+    original = writer.sinks.arrays
+    seen = []
+
+    def arrays(values, step):
+        gate.wait(10)
+        return original(values, step)
+
+    writer.sinks.arrays = arrays
+    writer.submit(report_with(7, 7.0), Plan1(), figures=False)
+    writer.after_writes(lambda: seen.append((tmp_path / "analysis" / "step=7.npz").exists()), "publish step 7")
+    time.sleep(0.3)
+    assert seen == [], "the job ran while the step's writes were pending"
+    gate.set()
+    writer.flush()
+    assert seen == [True]
+    writer.close()
+    writer.after_writes(lambda: seen.append("after close"), "late")  # runs at once, no consumer needed
+    writer.flush()
+    assert seen == [True, "after close"]

@@ -347,6 +347,7 @@ def test_ddp_cpu_under_multirun_leaves_one_run_dir_written_by_rank_zero(tmp_path
     assert "trainer=ddp_cpu" in (run_dir / ".hydra" / "overrides.yaml").read_text()
 
 
+@pytest.mark.slow  # ~18 s; the basic launcher's multirun is tested by default
 def test_submitit_local_multirun_runs_two_jobs_through_submitit(tmp_path):
     """The cluster path without a cluster: Hydra's submitit launcher submits each job as its own
     process (as submitit_slurm does through sbatch), each with its own run dir and W&B run."""

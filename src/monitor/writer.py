@@ -61,6 +61,10 @@ class Writer:
         snapshot = {k: list(v) for k, v in history.items()}
         self._put(lambda: self._write_over_training(snapshot, plan, step), f"over-training figures at step {step}")
 
+    def after_writes(self, job: Callable[[], None], what: str) -> None:
+        """Run `job` once everything submitted so far is written (in the background, in order)."""
+        self._put(job, what)
+
     def flush(self) -> None:
         """Wait until everything submitted is written."""
         if self._queue is not None:
@@ -71,7 +75,7 @@ class Writer:
             self.flush()
             self._queue.put(_STOP)
             self._thread.join()
-            self._thread = None
+            self._thread, self._queue = None, None  # anything submitted later runs at once
 
     # --- the work ------------------------------------------------------------------------------
     def _put(self, job: Callable[[], None], what: str) -> None:
