@@ -31,6 +31,13 @@ OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("none", "cosine", "step")
 
 
+def warmup_steps(value) -> int:
+    """optim.warmup_steps: a whole number of optimizer steps >= 0 (0 or 1: no warm-up)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"optim.warmup_steps={value!r} must be a whole number of steps >= 0 (0: no warm-up)")
+    return value
+
+
 def member_seeds(seed: int, k: int, seeds: Sequence[int] | None = None) -> list[int]:
     """Explicit seeds, or K seeds derived from the run's seed (seed*1000 + i)."""
     if seeds:
@@ -77,6 +84,7 @@ class Ensemble(pl.LightningModule):
         self.k = k
         self.data_order = data_order
         self.optim = dict(optim or {"name": "sgd", "lr": 0.01})
+        warmup_steps(self.optim.get("warmup_steps", 0))  # a bad value fails before training starts
         self.clip_grad_norm = clip_grad_norm
         self.members = nn.ModuleList(build_member(model, s, num_classes, in_channels, input_size) for s in self.seeds)
         self.val_acc = nn.ModuleList(MulticlassAccuracy(num_classes, average="micro") for _ in range(k))
@@ -149,6 +157,7 @@ class Ensemble(pl.LightningModule):
         schedule = cfg.pop("schedule", "none")
         step_size = cfg.pop("step_size", 30)
         gamma = cfg.pop("gamma", 0.1)
+        warmup = warmup_steps(cfg.pop("warmup_steps", 0))
         cfg = {k: v for k, v in cfg.items() if v is not None}  # momentum: null for adam
         if name == "sgd":
             opt = torch.optim.SGD(self.parameters(), **cfg)
@@ -157,14 +166,24 @@ class Ensemble(pl.LightningModule):
         else:
             raise ValueError(f"unknown optimizer {name!r}; choose one of {OPTIMIZERS}")
         if schedule == "none":
-            return opt
-        if schedule == "cosine":
+            schedulers = []
+        elif schedule == "cosine":
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.trainer.estimated_stepping_batches))
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-        if schedule == "step":
+            schedulers = [{"scheduler": sched, "interval": "step"}]
+        elif schedule == "step":
             sched = torch.optim.lr_scheduler.StepLR(opt, step_size=step_size, gamma=gamma)
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
-        raise ValueError(f"unknown optim.schedule {schedule!r}; choose one of {SCHEDULES}")
+            schedulers = [{"scheduler": sched, "interval": "epoch"}]
+        else:
+            raise ValueError(f"unknown optim.schedule {schedule!r}; choose one of {SCHEDULES}")
+        if warmup > 1:
+            # Step t (from 0) runs at (t + 1) / warmup of the scheduled rate until t = warmup - 1.
+            # LinearLR, CosineAnnealingLR (eta_min 0) and StepLR all scale the rate multiplicatively,
+            # so the chained rate is the product of the warm-up factor and the schedule's.
+            ramp = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0 / warmup, end_factor=1.0, total_iters=warmup - 1)
+            schedulers.append({"scheduler": ramp, "interval": "step"})
+        if not schedulers:
+            return opt
+        return [opt], schedulers
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         # Per member: a global norm over all members would couple them.

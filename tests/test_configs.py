@@ -113,10 +113,10 @@ def paper_widths():
 def test_paper_imagenet_is_the_papers_setting(hydra_ctx, paper_widths):
     cfg = compose_valid("experiment=paper_imagenet", hydra=True)
     assert cfg.model.name == "alexnet" and cfg.model.groups == 1 and cfg.model.lrn == "after_pool"
-    assert cfg.model.dropout == 0.5 and not cfg.model.batch_norm and cfg.model.width == 1.0
+    assert cfg.model.dropout == 0.5 and not cfg.model.batch_norm and cfg.model.width == 1.0 and cfg.model.init == "paper"
     assert cfg.data._target_.endswith("ImageFolderData") and cfg.data.crop == 227
     assert cfg.ensemble.k == 4 and cfg.ensemble.data_order == "shared"
-    assert dict(cfg.optim) == {"name": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 0.0005, "schedule": "step", "step_size": 30, "gamma": 0.1}
+    assert dict(cfg.optim) == {"name": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 0.0005, "schedule": "step", "step_size": 30, "gamma": 0.1, "warmup_steps": 0}
     assert cfg.trainer.max_epochs == 90 and cfg.trainer.accelerator == "gpu"
     assert list(cfg.analysis.layers) == ["conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7"]
     assert (cfg.analysis.probe_size, cfg.analysis.batch_size, cfg.analysis.max_units) == (5000, 100, 1024)

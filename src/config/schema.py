@@ -18,7 +18,7 @@ from convergent.analysis.config import AnalysisConfig
 from convergent.data.base import DATA_ORDERS
 from convergent.ensemble import OPTIMIZERS, SCHEDULES
 from convergent.errors import ConfigError, check_choice
-from convergent.models.alexnet import LRN_CHOICES
+from convergent.models.alexnet import INIT_CHOICES, LRN_CHOICES
 
 MODELS = ("alexnet_small", "alexnet")
 
@@ -34,10 +34,12 @@ class ModelConfig:
     lrn: str = "after_pool"  # none | before_pool | after_pool (the paper: after_pool)
     dropout: float = 0.5  # after fc6 and fc7
     batch_norm: bool = False  # AlexNet has none; it would change the statistics we compare
+    init: str = "centred"  # torch | paper | kaiming | centred (README "Initialisation and warm-up"; paper_imagenet: paper)
 
     def __post_init__(self) -> None:
         check_choice(self.name, MODELS, "model.name")
         check_choice(self.lrn, LRN_CHOICES, "model.lrn")
+        check_choice(self.init, INIT_CHOICES, "model.init")
         check_choice(self.groups, (1, 2), "model.groups")
         if not self.width or self.width <= 0:
             raise ConfigError(f"model.width={self.width:g} must be a positive multiplier (e.g. 0.5)")
@@ -144,9 +146,12 @@ class OptimConfig:
     schedule: str = "cosine"  # none | cosine (per step, to zero at the end) | step (per epoch, step_size / gamma)
     step_size: int = 30  # step: epochs between decays
     gamma: float = 0.1  # step: decay factor
+    warmup_steps: int = 189  # linear warm-up: step t (from 0) runs at (t + 1) / warmup_steps of the scheduled rate; 0: none (189: 3 epochs of mnist5k at batch 64; full-size first Adam steps kill fc6 units)
 
     def __post_init__(self) -> None:
         check_choice(self.name, OPTIMIZERS, "optim.name")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps={self.warmup_steps} must be a whole number of steps >= 0 (0: no warm-up)")
         check_choice(self.schedule, SCHEDULES, "optim.schedule")
         if self.lr <= 0:
             raise ConfigError(f"optim.lr={self.lr} must be positive")
