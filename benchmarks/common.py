@@ -257,5 +257,3 @@ class GeneratedProbe:
             hi = min(self.n, lo + self.batch)
             g = torch.Generator().manual_seed(lo)
             yield torch.randn(hi - lo, 1, 28, 28, generator=g), torch.zeros(hi - lo, dtype=torch.long), torch.arange(lo, hi)
-
-

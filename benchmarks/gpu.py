@@ -27,7 +27,11 @@ def generated_batches(options: Options, device: str) -> list:
     batch = 8 if options.quick else BATCH
     g = torch.Generator().manual_seed(0)
     return [
-        (torch.randn(min(batch, n - lo), 3, IMAGE_SIZE, IMAGE_SIZE, generator=g).to(device), torch.zeros(min(batch, n - lo)), torch.arange(lo, min(lo + batch, n)))
+        (
+            torch.randn(min(batch, n - lo), 3, IMAGE_SIZE, IMAGE_SIZE, generator=g).to(device),
+            torch.zeros(min(batch, n - lo)),
+            torch.arange(lo, min(lo + batch, n)),
+        )
         for lo in range(0, n, batch)
     ]
 

@@ -35,5 +35,3 @@ def max_match_4096(options: Options) -> Measured:
         uniform = torch.rand(4096, 4096, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 2 - 1
         detail += f"; uniform in [-1, 1] (harder): {stopwatch(lambda: max_match(uniform))():.3g} s"
     return Measured(median(times), detail)
-
-

@@ -130,5 +130,3 @@ def one_pass_every_measure(options: Options, device: str = "cpu") -> Measured:
         "torch-cka flattens each image's map, ours takes every position as a sample)",
         ok=max_diff <= 0.01 and not bad and failures == 0,
     )
-
-

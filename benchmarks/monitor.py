@@ -40,7 +40,8 @@ def monitor_overhead(options: Options) -> Measured:
     extra = ["trainer.max_epochs=1"] if options.quick else []
     summaries: dict[str, list[dict]] = {"on": [], "off": []}
     ta, tb = alternate(
-        [train_job(extra, summaries["on"]), train_job([*extra, "callbacks=none"], summaries["off"])], options.pick(full=1, quick=1)
+        [train_job(extra, summaries["on"]), train_job([*extra, "callbacks=none"], summaries["off"])],
+        options.pick(full=1, quick=1),
     )
     acc = {side: ", ".join(f"{s['val/acc']:.4f}" for s in runs) for side, runs in summaries.items()}
     return Measured(
@@ -72,5 +73,3 @@ def alexnet224_monitor_overhead(options: Options, device: str = "cuda") -> Measu
         f"(start-up, data generation and validation included): {images / median(tb):.0f} member-images/s without "
         f"the monitor, {images / median(ta):.0f} with it",
     )
-
-

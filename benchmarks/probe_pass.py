@@ -193,5 +193,3 @@ def stats_memory(options: Options) -> Measured:
         f"states, work memory, the forward's taps and what the first pass left), {held_text}; "
         f"the statistics' states alone: {a['estimate_bytes'] / mib:.1f} MiB; each run a fresh process, {a['method']}",
     )
-
-

@@ -56,7 +56,8 @@ def ensemble_training(options: Options, device: str = "cpu") -> Measured:
 def vectorized_speedup(options: Options, device: str = "cuda") -> Measured:
     warmup, steps = (3, 8) if options.quick else (10, 60)
     tv, tl = alternate(
-        [partial(step_times, MAIN_K, warmup, steps, device, vectorize) for vectorize in (True, False)], options.pick(full=3, quick=1)
+        [partial(step_times, MAIN_K, warmup, steps, device, vectorize) for vectorize in (True, False)],
+        options.pick(full=3, quick=1),
     )
     return Measured(
         median(tl) / median(tv),
@@ -64,5 +65,3 @@ def vectorized_speedup(options: Options, device: str = "cuda") -> Measured:
         f"ensemble.vectorize=true {spread(tv)} ({MAIN_K * TRAIN_BATCH / median(tv):.0f} member-images/s), the loop "
         f"{spread(tl)} ({MAIN_K * TRAIN_BATCH / median(tl):.0f} member-images/s); value = t(loop) / t(vectorized)",
     )
-
-

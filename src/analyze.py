@@ -58,7 +58,12 @@ def load_members(checkpoints: list[Path], trust: bool = False) -> tuple[list[tor
 
 
 def analyze_checkpoints(
-    checkpoints: list[Path], overrides: list[str], out_dir: Path | None = None, loggers=(), device: str | None = None, trust: bool = False
+    checkpoints: list[Path],
+    overrides: list[str],
+    out_dir: Path | None = None,
+    loggers=(),
+    device: str | None = None,
+    trust: bool = False,
 ) -> dict:
     """Run every configured analysis on the checkpoints' members (as at a full step) through the
     same step service as the live monitor; write the same files under `out_dir`. Returns
@@ -117,11 +122,15 @@ def analyze_checkpoints(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="convergent-analyze", description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoints", nargs="+", help="checkpoint files or directories (any existing path), then optional key=value overrides")
+    parser.add_argument(
+        "checkpoints", nargs="+", help="checkpoint files or directories (any existing path), then optional key=value overrides"
+    )
     parser.add_argument("--out", type=Path, default=None, help="output directory (default: <run dir>/posthoc/step=<step>)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--wandb", action="store_true", help="also log to a new W&B run (offline without an API key)")
-    parser.add_argument("--trust-checkpoint", action="store_true", help="load checkpoints that need more than weights-only loading (can run code)")
+    parser.add_argument(
+        "--trust-checkpoint", action="store_true", help="load checkpoints that need more than weights-only loading (can run code)"
+    )
     args = parser.parse_args(argv)
     start = time.time()
     try:
@@ -134,7 +143,13 @@ def main(argv: list[str] | None = None) -> None:
             from convergent.loggers import build_loggers
 
             out = args.out or Path.cwd() / "convergent-analyze"
-            loggers = build_loggers({"wandb": {"project": "convergent", "tags": ["posthoc"]}}, out, {"checkpoints": [str(c) for c in checkpoints]}, "posthoc", None)
+            loggers = build_loggers(
+                {"wandb": {"project": "convergent", "tags": ["posthoc"]}},
+                out,
+                {"checkpoints": [str(c) for c in checkpoints]},
+                "posthoc",
+                None,
+            )
         result = analyze_checkpoints(checkpoints, overrides, args.out, loggers, args.device, trust=args.trust_checkpoint)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -47,9 +47,7 @@ class StackedMembers:
         first = _structure(members[0])
         for i, member in enumerate(members[1:], start=1):
             if _structure(member) != first or type(member) is not type(members[0]):
-                raise ValueError(
-                    f"ensemble.vectorize needs members of one architecture; member {i} differs from member 0"
-                )
+                raise ValueError(f"ensemble.vectorize needs members of one architecture; member {i} differs from member 0")
         self._template: nn.Module | None = None
 
     def __getstate__(self) -> dict:

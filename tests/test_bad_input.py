@@ -132,7 +132,9 @@ def test_unknown_spectral_label_assignment_lists_the_choices(tmp_path):
     assert "analysis.spectral.assign_labels='kmean'" in message and "cluster_qr, kmeans, discretize" in message
 
 
-@pytest.mark.parametrize("override,key", [("analysis.probesize=10", "analysis.probesize"), ("trainer.max_step=3", "trainer.max_step")])
+@pytest.mark.parametrize(
+    "override,key", [("analysis.probesize=10", "analysis.probesize"), ("trainer.max_step=3", "trainer.max_step")]
+)
 def test_mistyped_key_names_the_key(override, key):
     # Hydra rejects it while composing, before convergent-train runs at all (the CLI prints
     # Hydra's message, exit status 1, and creates no run directory).
@@ -144,7 +146,9 @@ def test_mistyped_key_names_the_key(override, key):
 
 def test_cli_bad_input_is_one_line_on_stderr_exit_2_and_writes_nothing(tmp_path):
     run_dir = tmp_path / "run"
-    proc = run_cli("train", "debug=tiny", "analysis.spectral.n_clusters=1000", f"hydra.run.dir={run_dir}", cwd=tmp_path, check=False)
+    proc = run_cli(
+        "train", "debug=tiny", "analysis.spectral.n_clusters=1000", f"hydra.run.dir={run_dir}", cwd=tmp_path, check=False
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: analysis.spectral.n_clusters=1000"), proc.stderr[-3000:]

@@ -155,4 +155,6 @@ def test_score_above_chance_is_zero_at_chance_and_one_when_perfect():
     error = Calibrated({(0, 1): 0.25}, 0.2, 0.3, null_draws=[1.0, 1.0], perfect=0.0)  # lower is better
     assert at_chance.above_null == pytest.approx(0.0) and perfect.above_null == pytest.approx(1.0)
     assert error.above_null == pytest.approx(0.75)
-    assert at_chance.pairs_sd == 0.0 and Calibrated({(0, 1): 0.1, (1, 2): 0.3}, 0, 1).pairs_sd == pytest.approx(np.std([0.1, 0.3], ddof=1))
+    assert at_chance.pairs_sd == 0.0 and Calibrated({(0, 1): 0.1, (1, 2): 0.3}, 0, 1).pairs_sd == pytest.approx(
+        np.std([0.1, 0.3], ddof=1)
+    )

@@ -29,8 +29,7 @@ def _stats(*xs: torch.Tensor):
     return m.compute()
 
 
-def _planted_groups(seed: int = 0, groups: int = 5, signals: int = 3, per_group: int = 8, n: int = 2000,
-                    signed: bool = False):
+def _planted_groups(seed: int = 0, groups: int = 5, signals: int = 3, per_group: int = 8, n: int = 2000, signed: bool = False):
     """Two nets whose units are noisy mixtures of the signals of one latent group each (units of
     both nets shuffled). Returns xa, xb and the true group of every unit (a's first)."""
     g = torch.Generator().manual_seed(seed)
@@ -89,7 +88,9 @@ def test_spectral_recovers_planted_groups(affinity, assign_labels):
         assert len(set(labels[order[lo:hi]].tolist())) == 1
     # same answer from the plain matrix, and deterministic for a seed
     c = combined_corr(st, 0, 1)
-    np.testing.assert_array_equal(spectral_clusters_from_corr(c, 5, affinity=affinity, seed=0, assign_labels=assign_labels), labels)
+    np.testing.assert_array_equal(
+        spectral_clusters_from_corr(c, 5, affinity=affinity, seed=0, assign_labels=assign_labels), labels
+    )
     s2 = spectral_summary(c.numpy(), labels, n_a=40)
     assert s2["within_cluster_corr"] == pytest.approx(s["within_cluster_corr"])
 

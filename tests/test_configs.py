@@ -90,7 +90,9 @@ def test_every_hydra_launcher_composes(hydra_ctx):
         cfg = compose_valid(f"hydra/launcher={launcher}", hydra=True)
         target = cfg.hydra.launcher._target_
         assert get_class(target).__name__.endswith("Launcher"), target
-    slurm = compose_valid("hydra/launcher=submitit_slurm", "hydra.launcher.gpus_per_node=4", "trainer=ddp", "trainer.devices=4", hydra=True)
+    slurm = compose_valid(
+        "hydra/launcher=submitit_slurm", "hydra.launcher.gpus_per_node=4", "trainer=ddp", "trainer.devices=4", hydra=True
+    )
     assert slurm.hydra.launcher.gpus_per_node == 4 and slurm.trainer.strategy == "ddp"
 
 
@@ -116,13 +118,31 @@ def test_paper_imagenet_is_the_papers_setting(hydra_ctx, paper_widths):
     assert cfg.model.dropout == 0.5 and not cfg.model.batch_norm and cfg.model.width == 1.0 and cfg.model.init == "paper"
     assert cfg.data._target_.endswith("ImageFolderData") and cfg.data.crop == 227
     assert cfg.ensemble.k == 4 and cfg.ensemble.data_order == "shared"
-    assert dict(cfg.optim) == {"name": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 0.0005, "schedule": "step", "step_size": 30, "gamma": 0.1, "warmup_steps": 0}
+    assert dict(cfg.optim) == {
+        "name": "sgd",
+        "lr": 0.01,
+        "momentum": 0.9,
+        "weight_decay": 0.0005,
+        "schedule": "step",
+        "step_size": 30,
+        "gamma": 0.1,
+        "warmup_steps": 0,
+    }
     assert cfg.trainer.max_epochs == 90 and cfg.trainer.accelerator == "gpu"
     assert list(cfg.analysis.layers) == ["conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7"]
     assert (cfg.analysis.probe_size, cfg.analysis.batch_size, cfg.analysis.max_units) == (5000, 100, 1024)
     dm = instantiate(cfg.data)
     assert dm.input_size == 227 and dm.in_channels == 3
-    assert paper_widths == {"conv1": 96, "conv2": 256, "conv3": 384, "conv4": 384, "conv5": 256, "fc6": 4096, "fc7": 4096, "fc8": 1000}
+    assert paper_widths == {
+        "conv1": 96,
+        "conv2": 256,
+        "conv3": 384,
+        "conv4": 384,
+        "conv5": 256,
+        "fc6": 4096,
+        "fc7": 4096,
+        "fc8": 1000,
+    }
 
 
 def test_paper_imagenet_statistics_fit_thanks_to_max_units(hydra_ctx, paper_widths):
@@ -134,7 +154,9 @@ def test_paper_imagenet_statistics_fit_thanks_to_max_units(hydra_ctx, paper_widt
     for max_units in ("1024", "null"):
         conf = compose_valid("experiment=paper_imagenet", f"analysis.max_units={max_units}")
         conf = validate(conf)
-        totals[max_units] = ProbeRunner(Plan.build(conf.analysis, k=conf.ensemble.k), paper_widths).estimate_bytes()["total"] / 1024**3
+        totals[max_units] = (
+            ProbeRunner(Plan.build(conf.analysis, k=conf.ensemble.k), paper_widths).estimate_bytes()["total"] / 1024**3
+        )
         limit = conf.analysis.memory_limit_gb
     assert totals["1024"] < limit < totals["null"], (totals, limit)
 
@@ -155,7 +177,14 @@ def test_small_experiments(hydra_ctx, experiment, model, data_target, size, chan
 
 
 # --- mistakes ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("override,key", [("trainer.max_epoch=3", "trainer.max_epoch"), ("model.widht=0.5", "model.widht"), ("analysis.probesize=10", "analysis.probesize")])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("trainer.max_epoch=3", "trainer.max_epoch"),
+        ("model.widht=0.5", "model.widht"),
+        ("analysis.probesize=10", "analysis.probesize"),
+    ],
+)
 def test_mistyped_key_names_the_key(hydra_ctx, override, key):
     with pytest.raises(ConfigCompositionException) as err:
         compose("train", overrides=[override])

@@ -304,7 +304,15 @@ def invariance_tol(measure, kind: str) -> float:
 
 
 def test_registry_fields():
-    assert {"cka/linear", "cka/linear_debiased", "cca/mean", "cca/svcca", "cca/pwcca", "procrustes/similarity", "align/semi_match"} <= set(MEASURES)
+    assert {
+        "cka/linear",
+        "cka/linear_debiased",
+        "cca/mean",
+        "cca/svcca",
+        "cca/pwcca",
+        "procrustes/similarity",
+        "align/semi_match",
+    } <= set(MEASURES)
     for name, m in MEASURES.items():
         assert m.name == name and callable(m.fn)
         assert m.invariances <= INVARIANCES

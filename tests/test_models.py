@@ -9,9 +9,21 @@ from convergent.models import LAYERS, AlexNet, build_model
 
 # The two topologies as the paper and design describe them: (out channels, kernel, stride, padding,
 # grouped with groups=2, followed by a 3/2 max-pool). Written independently of the model's specs.
-IMAGENET = [(96, 11, 4, 0, False, True), (256, 5, 1, 2, True, True), (384, 3, 1, 1, False, False), (384, 3, 1, 1, True, False), (256, 3, 1, 1, True, True)]
+IMAGENET = [
+    (96, 11, 4, 0, False, True),
+    (256, 5, 1, 2, True, True),
+    (384, 3, 1, 1, False, False),
+    (384, 3, 1, 1, True, False),
+    (256, 3, 1, 1, True, True),
+]
 IMAGENET_FC = 4096
-SMALL = [(64, 5, 1, 2, False, True), (128, 5, 1, 2, True, True), (192, 3, 1, 1, False, False), (192, 3, 1, 1, True, False), (128, 3, 1, 1, True, True)]
+SMALL = [
+    (64, 5, 1, 2, False, True),
+    (128, 5, 1, 2, True, True),
+    (192, 3, 1, 1, False, False),
+    (192, 3, 1, 1, True, False),
+    (128, 3, 1, 1, True, True),
+]
 SMALL_FC = 512
 CONVS = ["conv1", "conv2", "conv3", "conv4", "conv5"]
 
@@ -40,10 +52,29 @@ def expected_taps(arch, fc: int, size: int, width: float, groups: int, num_class
     return shapes
 
 
-def check_variant(name: str, arch, fc: int, size: int, in_channels: int, width: float = 1.0, groups: int = 1, lrn: str = "after_pool", batch_norm: bool = False):
+def check_variant(
+    name: str,
+    arch,
+    fc: int,
+    size: int,
+    in_channels: int,
+    width: float = 1.0,
+    groups: int = 1,
+    lrn: str = "after_pool",
+    batch_norm: bool = False,
+):
     num_classes = 7
     torch.manual_seed(0)
-    model = build_model(name, num_classes=num_classes, in_channels=in_channels, input_size=size, width=width, groups=groups, lrn=lrn, batch_norm=batch_norm)
+    model = build_model(
+        name,
+        num_classes=num_classes,
+        in_channels=in_channels,
+        input_size=size,
+        width=width,
+        groups=groups,
+        lrn=lrn,
+        batch_norm=batch_norm,
+    )
     model.eval()
     x = torch.randn(2 if size < 100 else 1, in_channels, size, size)
     with torch.no_grad():
@@ -99,7 +130,9 @@ def test_alexnet_small_sizes(size, in_channels):
 @pytest.mark.parametrize("groups", [1, 2])
 def test_alexnet_small_widths(width, groups):
     lrn = {0.125: "none", 0.3: "before_pool"}.get(width, "after_pool")
-    model, _, _ = check_variant("alexnet_small", SMALL, SMALL_FC, 32, 3, width=width, groups=groups, lrn=lrn, batch_norm=width == 0.5)
+    model, _, _ = check_variant(
+        "alexnet_small", SMALL, SMALL_FC, 32, 3, width=width, groups=groups, lrn=lrn, batch_norm=width == 0.5
+    )
     for c, (out, *_rest) in zip(CONVS, SMALL):
         w = model.layer_width(c)
         assert w % groups == 0 and abs(w - out * width) <= groups, (c, w)

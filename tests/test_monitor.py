@@ -34,7 +34,9 @@ def tiny_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tiny")
     run_dir = tmp / "run"
     plugins = Path(__file__).resolve().parent / "plugins"  # a module outside the package: toy_measure
-    proc = run_cli("train", "debug=tiny", "analysis.plugins=[toy_measure]", f"hydra.run.dir={run_dir}", cwd=tmp, PYTHONPATH=plugins)
+    proc = run_cli(
+        "train", "debug=tiny", "analysis.plugins=[toy_measure]", f"hydra.run.dir={run_dir}", cwd=tmp, PYTHONPATH=plugins
+    )
     return run_dir, proc
 
 
@@ -61,14 +63,20 @@ def test_every_key_is_logged_at_every_analysis_step(tiny_run):
         assert sorted(metrics[key]) == steps, f"{key} logged at {sorted(metrics[key])}"
         assert all(np.isfinite(v) for v in metrics[key].values())
     unexpected = sorted(
-        k for k in metrics if k.split("/")[0] in {"align", "mi", "sparse", "spectral", "hier", "act", "cka", "cca", "procrustes", "layer_id"} and k not in expected
+        k
+        for k in metrics
+        if k.split("/")[0] in {"align", "mi", "sparse", "spectral", "hier", "act", "cka", "cca", "procrustes", "layer_id"}
+        and k not in expected
     )
     # every measure is calibrated at every step: an interval around its value, a null below its p95
     measures = [k[: -len("/ci_lo")] for k in expected if k.endswith("/ci_lo")]
     assert measures and any(m.startswith("sparse/") for m in measures) and any(m.startswith("mi/") for m in measures)
     for key in measures:
         for step in steps:
-            assert metrics[f"{key}/ci_lo"][step] <= metrics[key][step] + 1e-12 <= metrics[f"{key}/ci_hi"][step] + 2e-12, (key, step)
+            assert metrics[f"{key}/ci_lo"][step] <= metrics[key][step] + 1e-12 <= metrics[f"{key}/ci_hi"][step] + 2e-12, (
+                key,
+                step,
+            )
             assert f"{key}/pairs_sd" in metrics
             if f"{key}/null" in metrics:
                 assert metrics[f"{key}/null"][step] <= metrics[f"{key}/null_p95"][step] + 1e-12, (key, step)
@@ -84,7 +92,16 @@ def test_files_of_every_step_exist(tiny_run):
         assert "conv1/corr/m0-m1" in npz and "fc7/max_index/m1-m2" in npz
         assert all(np.isfinite(npz[k]).all() for k in npz.files if npz[k].dtype.kind == "f")
         assert (run_dir / "checkpoints" / "analysis" / f"step={step}.ckpt").exists()
-        for fig in ("corr/m0-m1", "matching/m0-m1", "spectral/m0-m1", "hier/m0-m1", "patches/m0-m1", "cross_layer/m0-m1", "act/mean", "sparse/error_vs_nnz"):
+        for fig in (
+            "corr/m0-m1",
+            "matching/m0-m1",
+            "spectral/m0-m1",
+            "hier/m0-m1",
+            "patches/m0-m1",
+            "cross_layer/m0-m1",
+            "act/mean",
+            "sparse/error_vs_nnz",
+        ):
             assert (run_dir / "figures" / fig / f"step={step}.png").stat().st_size > 1000, fig
         assert (run_dir / "tables" / "pairs" / "conv2" / f"step={step}.csv").exists()
         assert (run_dir / "tables" / "sparse" / f"step={step}.csv").exists()
@@ -102,7 +119,14 @@ def test_analyze_reproduces_the_logged_values_of_an_analysis_step(tiny_run, tmp_
     out = tmp_path / "posthoc"
     step = 5
     plugins = Path(__file__).resolve().parent / "plugins"
-    run_cli("analyze", str(run_dir / "checkpoints" / "analysis" / f"step={step}.ckpt"), "--out", str(out), cwd=tmp_path, PYTHONPATH=plugins)
+    run_cli(
+        "analyze",
+        str(run_dir / "checkpoints" / "analysis" / f"step={step}.ckpt"),
+        "--out",
+        str(out),
+        cwd=tmp_path,
+        PYTHONPATH=plugins,
+    )
     logged = read_metrics(run_dir)
     with open(out / "scalars.csv") as f:
         rows = list(csv.DictReader(f))

@@ -50,7 +50,11 @@ def probe_loader(images: torch.Tensor, batch_size: int):
     """Batches as the data module's probe loader gives them: (images, labels, probe index)."""
     n = images.shape[0]
     return [
-        (images[i : i + batch_size], torch.zeros(min(batch_size, n - i), dtype=torch.long), torch.arange(i, min(i + batch_size, n)))
+        (
+            images[i : i + batch_size],
+            torch.zeros(min(batch_size, n - i), dtype=torch.long),
+            torch.arange(i, min(i + batch_size, n)),
+        )
         for i in range(0, n, batch_size)
     ]
 

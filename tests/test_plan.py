@@ -21,7 +21,18 @@ from convergent.monitor.step import analyse
 
 PLUGINS = str(Path(__file__).resolve().parent / "plugins")
 pytestmark = pytest.mark.usefixtures("one_thread")
-ANALYSES = ["correlation", "mutual_info", "sparse", "spectral", "hierarchical", "mean_activation", "cka", "cca", "procrustes", "cross_layer"]
+ANALYSES = [
+    "correlation",
+    "mutual_info",
+    "sparse",
+    "spectral",
+    "hierarchical",
+    "mean_activation",
+    "cka",
+    "cca",
+    "procrustes",
+    "cross_layer",
+]
 
 
 def probe(plan: Plan, n: int = 24):

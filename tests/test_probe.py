@@ -89,7 +89,11 @@ def test_null_statistics_are_the_re_paired_images():
     perms = torch.cat([repairing(int(b[2][0]), len(b[2]), R, seed=0) + int(b[2][0]) for b in batches], 1)
     index = torch.arange(M)
     for d in range(R):
-        assert not bool((perms[d] == index)[torch.tensor([len(b[2]) > 2 for b in batches]).repeat_interleave(torch.tensor([len(b[2]) for b in batches]))].any())
+        assert not bool(
+            (perms[d] == index)[
+                torch.tensor([len(b[2]) > 2 for b in batches]).repeat_interleave(torch.tensor([len(b[2]) for b in batches]))
+            ].any()
+        )
         assert bool(((perms[d] % 2) == (index % 2)).all())  # even images with even, odd with odd
     for layer in LAYERS:
         ls = probe.layers[layer]
@@ -112,9 +116,14 @@ def test_shards_of_two_processes_sum_to_one_process():
     first, second = (ProbeRunner(p, WIDTHS).run(nets, part, "cpu", full=True) for part in (batches[:2], batches[2:]))
     for layer in LAYERS:
         for state in ("n",):
-            torch.testing.assert_close(getattr(first.layers[layer].groups, state) + getattr(second.layers[layer].groups, state), getattr(one.layers[layer].groups, state))
+            torch.testing.assert_close(
+                getattr(first.layers[layer].groups, state) + getattr(second.layers[layer].groups, state),
+                getattr(one.layers[layer].groups, state),
+            )
         for key, block in one.layers[layer].groups.sxx.items():
-            torch.testing.assert_close(first.layers[layer].groups.sxx[key] + second.layers[layer].groups.sxx[key], block, rtol=1e-12, atol=1e-9)
+            torch.testing.assert_close(
+                first.layers[layer].groups.sxx[key] + second.layers[layer].groups.sxx[key], block, rtol=1e-12, atol=1e-9
+            )
         for pair, rep in one.layers[layer].repaired.items():
             got = first.layers[layer].repaired[pair].sxx + second.layers[layer].repaired[pair].sxx
             torch.testing.assert_close(got, rep.sxx, rtol=1e-12, atol=1e-9)

@@ -207,7 +207,9 @@ def test_the_runs_wandb_configs_are_flat_grouped_named_and_per_pair_keys_hidden(
         }
         measures = {f"over_training/{k.split('/')[0]}/{k.split('/')[2]}" for k in headline if len(k.split("/")) == 3}
         # the score above chance has a chart of its own (convergent.report.keys: its role is "score")
-        measures |= {f"over_training/{k.split('/')[0]}/{k.split('/')[2]}/above_null" for k in headline if k.endswith("/above_null")}
+        measures |= {
+            f"over_training/{k.split('/')[0]}/{k.split('/')[2]}/above_null" for k in headline if k.endswith("/above_null")
+        }
         assert {"over_training/align/semi_match", "over_training/cka/linear"} <= charts and charts == measures
     # the chart's points are the run's own values (last job)
     table = next(run.glob("files/media/table/over_training/align/semi_match_table_*.table.json"))

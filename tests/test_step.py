@@ -47,7 +47,9 @@ def test_an_analysis_past_its_budget_is_cut_short_and_reported_the_others_finish
     t0 = time.monotonic()
     report = analyse(tiny_probe(plan), plan, step=3)
     failures = [f for f in report.failures if "procrustes/similarity" in f]
-    assert len(failures) == 2 and all("its time budget of 0.2 s ran out" in f and f.startswith("step 3: ") for f in failures), report.failures
+    assert len(failures) == 2 and all("its time budget of 0.2 s ran out" in f and f.startswith("step 3: ") for f in failures), (
+        report.failures
+    )
     assert len(slow_calls) < 2 * 8  # cut short: a full calibration is 1 + 10 + 2 evaluations per layer
     assert "procrustes/conv1/similarity" not in report.scalars
     assert "cka/conv1/linear" in report.scalars and "align/fc6/max_match/ci_lo" in report.scalars  # the others finished

@@ -30,11 +30,28 @@ def synthetic(**kw) -> Synthetic:
 
 
 def ensemble(k=2, seed=0, data_order="shared", **kw) -> Ensemble:
-    return Ensemble(model=MODEL, num_classes=10, in_channels=1, input_size=28, k=k, seed=seed, data_order=data_order, optim={"name": "adam", "lr": 2e-3}, **kw)
+    return Ensemble(
+        model=MODEL,
+        num_classes=10,
+        in_channels=1,
+        input_size=28,
+        k=k,
+        seed=seed,
+        data_order=data_order,
+        optim={"name": "adam", "lr": 2e-3},
+        **kw,
+    )
 
 
 def trainer(**kw) -> pl.Trainer:
-    options = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    options = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     options.update(kw)
     return pl.Trainer(**options)
 

@@ -25,8 +25,17 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def ensemble(vectorize: bool, data_order: str = "shared", dtype=torch.float64, **model) -> Ensemble:
     options = {"name": "alexnet_small", "width": 0.25, "dropout": 0.0, **model}
-    ens = Ensemble(options, CLASSES, 1, 28, k=K, seed=3, data_order=data_order, vectorize=vectorize,
-                   optim={"name": "sgd", "lr": 0.05, "momentum": 0.9})
+    ens = Ensemble(
+        options,
+        CLASSES,
+        1,
+        28,
+        k=K,
+        seed=3,
+        data_order=data_order,
+        vectorize=vectorize,
+        optim={"name": "sgd", "lr": 0.05, "momentum": 0.9},
+    )
     return ens.to(dtype)
 
 
@@ -43,8 +52,9 @@ def state(module: torch.nn.Module) -> dict:
 def assert_close_dicts(a: dict, b: dict, atol: float = 1e-5) -> None:
     assert a.keys() == b.keys()
     for name in a:
-        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0, check_dtype=False,
-                                   msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            a[name], b[name], atol=atol, rtol=0, check_dtype=False, msg=lambda m, name=name: f"{name}: {m}"
+        )
 
 
 @pytest.mark.parametrize("model", VARIANTS, ids=["default", "groups2_lrn_before", "groups2_no_lrn", "batch_norm"])
@@ -118,8 +128,16 @@ def test_two_lightning_steps_equal_loop(model, data_order):
     for vectorize in (False, True):
         torch.manual_seed(0)
         ens = ensemble(vectorize, data_order, **model)
-        trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, precision="64-true",
-                             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+        trainer = pl.Trainer(
+            max_steps=2,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            precision="64-true",
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+        )
         train = DataLoader(TensorDataset(torch.cat([x, x]), torch.cat([y, y])), batch_size=B)
         trainer.fit(ens, train, DataLoader(TensorDataset(xv, yv), batch_size=B))
         results.append((state(ens.members), {k: v.clone() for k, v in trainer.callback_metrics.items()}))

@@ -2,7 +2,7 @@
 
 Every function takes torch tensors (numpy arrays too, for the matrix functions) or
 `convergent.stats.MomentStats`, and returns numbers, tensors/arrays or small result objects,
-never plots. See README "Using the analyses on your own activations" and "Adding a measure".
+never plots. See README "Using members and analyses from your own code" and "Adding a measure (one file)".
 """
 
 from convergent.analysis.calibration import Calibrated, calibrate, jackknife_interval

@@ -164,9 +164,7 @@ def spectral_clusters(
     return _spectral(c, dead, n_clusters, affinity, seed, assign_labels)
 
 
-def _spectral(
-    c: np.ndarray, dead: np.ndarray, n_clusters: int, affinity: str, seed: int, assign_labels: str
-) -> np.ndarray:
+def _spectral(c: np.ndarray, dead: np.ndarray, n_clusters: int, affinity: str, seed: int, assign_labels: str) -> np.ndarray:
     if affinity not in AFFINITIES:
         raise ValueError(f"affinity must be one of {AFFINITIES}, got {affinity!r}")
     if assign_labels not in ASSIGN_LABELS:
@@ -177,18 +175,13 @@ def _spectral(
     if n_clusters < 2:
         raise ValueError(f"n_clusters must be at least 2, got {n_clusters}")
     if n_clusters > live.size:
-        raise ValueError(
-            f"n_clusters={n_clusters} exceeds the number of live units ({live.size} of {n}; "
-            f"{n - live.size} dead)"
-        )
+        raise ValueError(f"n_clusters={n_clusters} exceeds the number of live units ({live.size} of {n}; {n - live.size} dead)")
     labels = np.full(n, -1, dtype=np.int64)
     if n_clusters == live.size:
         labels[live] = np.arange(live.size)
         return labels
     aff = make_affinity(c[np.ix_(live, live)], affinity)
-    model = SpectralClustering(
-        n_clusters=n_clusters, affinity="precomputed", random_state=seed, assign_labels=assign_labels
-    )
+    model = SpectralClustering(n_clusters=n_clusters, affinity="precomputed", random_state=seed, assign_labels=assign_labels)
     raw = model.fit_predict(aff)
     _, first = np.unique(raw, return_index=True)
     remap = {int(raw[i]): k for k, i in enumerate(sorted(first))}

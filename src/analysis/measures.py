@@ -191,8 +191,7 @@ def _debiased_cka(stats: MomentStats, a: int, b: int) -> float:
     n = stats.n
     if n < 4:
         warnings.warn(
-            f"debiased linear CKA(nets {a}, {b}) needs at least 4 samples, got {n}: returning 0. "
-            "Use more probe images.",
+            f"debiased linear CKA(nets {a}, {b}) needs at least 4 samples, got {n}: returning 0. Use more probe images.",
             SampleSizeWarning,
             stacklevel=3,
         )
@@ -279,7 +278,9 @@ def canonical_correlations(
     cannot hold both subspaces apart, so at least ``C_a + C_b - n + 1`` correlations are exactly 1.
     """
     # Mean CCA and PWCCA of a pair share one result (cached on the stats; treat it as read-only).
-    res = stats.memo(("cca", a, b, epsilon, rank_tol, keep), lambda: _canonical_correlations(stats, a, b, epsilon, keep, rank_tol))
+    res = stats.memo(
+        ("cca", a, b, epsilon, rank_tol, keep), lambda: _canonical_correlations(stats, a, b, epsilon, keep, rank_tol)
+    )
     if warn:
         dims = res.dims
         if keep is None and stats.n <= stats.sizes[a] + stats.sizes[b]:
@@ -314,9 +315,7 @@ def _canonical_correlations(stats: MomentStats, a: int, b: int, epsilon: float, 
     return CCAResult(rho, dirs_a, dirs_b, mean_a, mean_b, dims)
 
 
-def cca(
-    stats: MomentStats, a: int, b: int, epsilon: float = DEFAULT_EPSILON, rank_tol: float = DEFAULT_RANK_TOL
-) -> float:
+def cca(stats: MomentStats, a: int, b: int, epsilon: float = DEFAULT_EPSILON, rank_tol: float = DEFAULT_RANK_TOL) -> float:
     """Mean canonical correlation of nets a and b (0 if either net is all dead). Invariant to any
     invertible linear map of either net's units (up to the ridge ``epsilon``)."""
     res = canonical_correlations(stats, a, b, epsilon=epsilon, rank_tol=rank_tol)
@@ -422,9 +421,7 @@ def procrustes_distance(stats: MomentStats, a: int, b: int, squared: bool = Fals
 # --------------------------------------------------------------------------------------------------
 # convenience
 # --------------------------------------------------------------------------------------------------
-def stats_from_arrays(
-    *xs: Tensor | np.ndarray, batch_size: int | None = None, cka_sums: bool = True
-) -> MomentStats:
+def stats_from_arrays(*xs: Tensor | np.ndarray, batch_size: int | None = None, cka_sums: bool = True) -> MomentStats:
     """MomentStats of raw activations, one [N, C] or [N, C, H, W] array/tensor per net (same N),
     folded into a :class:`Moments` in batches of ``batch_size`` images (all at once by default), on
     the first array's device."""

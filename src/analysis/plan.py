@@ -132,7 +132,9 @@ class Plan:
             measures = [m for m in measures if m.name in wanted or m.family in wanted]
         member = resolve_pairs(config.pairs, k, "analysis.pairs")
         heavy = [p for p in resolve_pairs(config.heavy_pairs, k, "analysis.heavy_pairs") if p in member]
-        null = [p for p in resolve_pairs(config.null.pairs, k, "analysis.null.pairs") if p in member] if config.null.enabled else []
+        null = (
+            [p for p in resolve_pairs(config.null.pairs, k, "analysis.null.pairs") if p in member] if config.null.enabled else []
+        )
         plan = cls(config, k, analyses, measures, member, heavy, null)
         plan.check()
         return plan

@@ -182,9 +182,7 @@ class SparsePrediction:
 
 
 # --- input checks ----------------------------------------------------------------------------
-def _check_inputs(
-    fit: MomentStats, held_out: MomentStats, src: int, dst: int, l1
-) -> tuple[int, int, list[float]]:
+def _check_inputs(fit: MomentStats, held_out: MomentStats, src: int, dst: int, l1) -> tuple[int, int, list[float]]:
     for name, st in (("fit", fit), ("held_out", held_out)):
         if not isinstance(st, MomentStats):
             raise TypeError(f"{name} must be a MomentStats (Moments.compute()), got {type(st).__name__}")
@@ -346,6 +344,7 @@ def _support_solve(gram: _Gram, rhs: Tensor, mask: Tensor) -> tuple[Tensor, Tens
     via = schur.nonzero().squeeze(1)
     if via.numel():
         M = gram.inverse
+        assert M is not None  # schur is all False without an inverse
         y = M @ (rhs[:, via] * mask[:, via])
         C = torch.zeros(len(via), p, dtype=rhs.dtype, device=rhs.device)
         e = p - k[via]

@@ -36,7 +36,7 @@ activations (``mu = 0``; the constant row drops out). Translation-invariant and 
 Raw (``centred=False``): their code on the activations as accumulated, means included. Step 6 then
 adds ``mu_i`` to ``+-u_i^T (x - mu)``, and the sign of a singular vector is arbitrary (whatever LAPACK
 returns), so the value depends on the SVD routine's sign choices, not only on the activations
-(0.62 vs 0.68 on one test case from two sign patterns; see NOTES-math.md). To reproduce a number
+(0.571-0.679 vs 0.683 on one test case from other sign patterns; README "Measures and analyses", PWCCA both ways). To reproduce a number
 their code printed, this mode takes the singular vectors from ``numpy.linalg.svd`` (their routine)
 on the CPU; another numpy/LAPACK build may choose other signs. Use it to compare with published
 numbers, never as a measure.

@@ -182,7 +182,7 @@ class TrainerConfig:
 class WandbConfig:
     project: str = "${project}"  # W&B project (the top-level `project`)
     entity: str | None = None  # W&B entity (null: the default of the API key)
-    group: str | None = None  # null: the multirun sweep's name when run with -m
+    group: str | None = None  # null: the W&B sweep id under an agent, the multirun directory's name under -m
     tags: list[str] = field(default_factory=list)  # W&B tags
     mode: str | None = None  # null: online with an API key, else offline; or online | offline | disabled
     init_timeout: float = 60.0  # seconds to wait for the W&B server; then continue with the CSV mirror only
@@ -211,6 +211,8 @@ class CheckpointConfig:
 
 @dataclass
 class CallbacksConfig:
+    """The callbacks of a run: the convergence monitor and the last.ckpt checkpointing."""
+
     monitor: bool = True  # the ConvergenceMonitor; its settings are the `analysis` group
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
@@ -221,7 +223,7 @@ class TrainConfig:
 
     seed: int = 0  # run seed: member seeds derive from it (seed * 1000 + i) unless ensemble.seeds is set
     project: str = "convergent"  # W&B project
-    run_name: str | None = None  # W&B run name
+    run_name: str | None = None  # W&B run name (null: the overrides the sweep varies, e.g. width=0.5,seed=1)
     ckpt_path: str | None = None  # resume training from this checkpoint (in a new run directory)
     resume: str | None = None  # resume a run directory in place: convergent-train resume=outputs/.../
     trust_checkpoint: bool = False  # load checkpoints that need more than weights-only unpickling (can run code: only your own)

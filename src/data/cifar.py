@@ -21,7 +21,9 @@ class CIFAR(ClassificationData):
     in_channels = 3
     input_size = 32
 
-    def __init__(self, name: str = "cifar10", root: str = "~/.cache/convergent", download: bool = True, augment: bool = True, **loader) -> None:
+    def __init__(
+        self, name: str = "cifar10", root: str = "~/.cache/convergent", download: bool = True, augment: bool = True, **loader
+    ) -> None:
         super().__init__(**loader)
         if name not in STATS:
             raise ConfigError(f"unknown CIFAR variant {name!r}; use cifar10 or cifar100")
@@ -37,7 +39,9 @@ class CIFAR(ClassificationData):
         train_tf = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()] if self.augment else []
         cls = datasets.CIFAR10 if self.name == "cifar10" else datasets.CIFAR100
         try:
-            self.train_set = cls(self.root, train=True, download=self.download, transform=transforms.Compose(train_tf + normalise))
+            self.train_set = cls(
+                self.root, train=True, download=self.download, transform=transforms.Compose(train_tf + normalise)
+            )
             self.val_set = cls(self.root, train=False, download=self.download, transform=transforms.Compose(normalise))
         except Exception as e:  # offline, or a corrupt archive
             raise ConfigError(

@@ -38,9 +38,17 @@ class ImageFolderData(ClassificationData):
         self.check()
         norm = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
         train_tf = transforms.Compose(
-            [transforms.Resize(self.resize), transforms.RandomCrop(self.input_size), transforms.RandomHorizontalFlip(), transforms.ToTensor(), norm]
+            [
+                transforms.Resize(self.resize),
+                transforms.RandomCrop(self.input_size),
+                transforms.RandomHorizontalFlip(),
+                transforms.ToTensor(),
+                norm,
+            ]
         )
-        val_tf = transforms.Compose([transforms.Resize(self.resize), transforms.CenterCrop(self.input_size), transforms.ToTensor(), norm])
+        val_tf = transforms.Compose(
+            [transforms.Resize(self.resize), transforms.CenterCrop(self.input_size), transforms.ToTensor(), norm]
+        )
         self.train_set = datasets.ImageFolder(os.path.join(self.root, "train"), transform=train_tf)
         self.val_set = datasets.ImageFolder(os.path.join(self.root, "val"), transform=val_tf)
         if self.train_set.classes != self.val_set.classes:

@@ -9,7 +9,7 @@ Hydra), in the style of `convergent.analysis`:
     result = evaluate_pair(net_a, net_b, probe_batches)             # barriers, curves, stitching
     result.scalars()  # {"func/barrier/matched": ..., "func/conv1/stitch_acc/perm": ..., ...}
 
-See NOTES-functional.md for what each number means and costs.
+See README "Functional convergence" for what each number means and costs.
 """
 
 from convergent.functional.evaluate import FunctionalResult, average_scalars, evaluate_pair, pair_scalars

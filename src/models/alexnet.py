@@ -287,7 +287,7 @@ def initialize(model: AlexNet, init: str) -> None:
     centred: kaiming, then each unit's incoming weights shifted to mean 0 (rescaled by sqrt(n / (n - 1)),
              n = fan_in, so the std stays the same), biases 0. Post-ReLU inputs share a large positive
              mean over all images; a unit whose weights do not sum to ~0 takes its sign from that mean
-             on every image and may never fire (about 30 % of fc6 with `kaiming` on mnist5k).
+             on every image and may never fire (about 27 % of fc6 at step 0 with `kaiming` on mnist5k).
     """
     if init == "torch":
         return

@@ -270,7 +270,9 @@ def patch_canvas(best: tuple[np.ndarray, np.ndarray], tops: dict, a: int, b: int
     return canvas, rows, (size, pad, shown)
 
 
-def patch_figure(report: StepReport, layers: Sequence[str], a: int, b: int, fields: dict, probe_set, n_pairs: int = 8) -> Figure | None:
+def patch_figure(
+    report: StepReport, layers: Sequence[str], a: int, b: int, fields: dict, probe_set, n_pairs: int = 8
+) -> Figure | None:
     """The paper's figure, one panel per conv layer: the top and bottom max-matched pairs, each
     unit shown by the input patches (receptive fields) of its top activations, with the pair's
     correlation between them. Patches are tiled into one image per layer (fast to draw)."""
@@ -300,7 +302,9 @@ def patch_figure(report: StepReport, layers: Sequence[str], a: int, b: int, fiel
     return fig
 
 
-def over_training_figure(history: dict[str, list[tuple[int, float]]], family: str, name: str, layers: Sequence[str]) -> Figure | None:
+def over_training_figure(
+    history: dict[str, list[tuple[int, float]]], family: str, name: str, layers: Sequence[str]
+) -> Figure | None:
     """Left: the value vs global step (log x) per layer, its interval shaded, the null band
     (null mean to its 95th percentile) shaded grey and the step-0 (random init) value dotted.
     Right: the score above chance, (value - null) / (perfect - null), when there is a null."""
@@ -354,7 +358,10 @@ def end_figures(history: dict, plan):
     measure over training for every calibrated measure, and with the functional analyses one
     figure per layer with both kinds of convergence on one step axis."""
     for family, name in over_training_keys(plan):
-        yield f"over_training/{family}_{name}", lambda family=family, name=name: over_training_figure(history, family, name, plan.layers)
+        yield (
+            f"over_training/{family}_{name}",
+            lambda family=family, name=name: over_training_figure(history, family, name, plan.layers),
+        )
     if plan.on("functional"):
         from convergent.functional.figures import convergence_figure
 

@@ -112,7 +112,9 @@ class ProbeRunner:
             if needs.histograms and layer in self.mi_layers:
                 heavy = [w] * len(self.heavy_members)
                 size = self._count_dtype().itemsize
-                est["mutual_info"] += estimate_joint_bytes(heavy, self.heavy_pair_index, groups=g, state_bytes=size) + 8 * sum(heavy) * 1203
+                est["mutual_info"] += (
+                    estimate_joint_bytes(heavy, self.heavy_pair_index, groups=g, state_bytes=size) + 8 * sum(heavy) * 1203
+                )
                 if needs.null:
                     null = estimate_joint_bytes([w] * (1 + self.draws), [(0, d + 1) for d in range(self.draws)], state_bytes=size)
                     est["mutual_info"] += len(self.mi_null_pairs) * null
@@ -176,13 +178,18 @@ class ProbeRunner:
                 for l in layers
                 for p in (plan.null_pairs if needs.null else [])
             },
-            "bins": {l: UnitBins([self.widths[l]] * len(self.heavy_members)).to(device) for l in (self.mi_layers if needs.histograms else [])},
+            "bins": {
+                l: UnitBins([self.widths[l]] * len(self.heavy_members)).to(device)
+                for l in (self.mi_layers if needs.histograms else [])
+            },
             "top": {
                 l: TopActivations([self.widths[l]] * len(self.heavy_members), k=plan.config.patches.top_k).to(device)
                 for l in (layers if needs.top else [])
                 if l in CONV_LAYERS
             },
-            "pooled": Moments(self.pooled_sizes, pairs=self.pooled_pairs, product_dtype=dtype).to(device) if needs.pooled else None,
+            "pooled": Moments(self.pooled_sizes, pairs=self.pooled_pairs, product_dtype=dtype).to(device)
+            if needs.pooled
+            else None,
         }
         acc["metrics"] = [m for key in ("moments", "null", "bins", "top") for m in acc[key].values()] + (
             [acc["pooled"]] if acc["pooled"] is not None else []
@@ -190,7 +197,9 @@ class ProbeRunner:
         self._acc = acc
         return acc
 
-    def run(self, members: Sequence[nn.Module], loader: Iterable, device: torch.device, full: bool = True, stop=None) -> ProbeStats:
+    def run(
+        self, members: Sequence[nn.Module], loader: Iterable, device: torch.device, full: bool = True, stop=None
+    ) -> ProbeStats:
         """One pass (two with mutual information). `full=False` skips the statistics only the heavy
         analyses use. `stop()` (optional) is asked between batches: a true answer abandons the pass
         (`PassAbandoned`)."""

@@ -1,6 +1,6 @@
 """Where an analysis step goes: the run's loggers (W&B, CSV) and local mirrors in the run dir.
 
-Local layout (README "Run directory"):
+Local layout (README "Files in a run directory"):
     csv/metrics.csv                    every scalar (Lightning CSVLogger), with `step`
     analysis/step=<global_step>.npz    raw arrays of the step (keys in README)
     figures/<key>/step=<global_step>.png

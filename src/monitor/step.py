@@ -165,7 +165,9 @@ def analyse(
                 cal = guarded(
                     f"{m.name} on {layer}",
                     m.analysis,
-                    lambda fn=fn, m=m, views=views: calibrate(fn, views, plan.member_pairs, plan.null_pairs, config.interval.level, m.perfect),
+                    lambda fn=fn, m=m, views=views: calibrate(
+                        fn, views, plan.member_pairs, plan.null_pairs, config.interval.level, m.perfect
+                    ),
                 )
                 if cal is not None:
                     report.measures.setdefault(m.name, {})[layer] = cal

@@ -2,7 +2,7 @@
 
 Each curve is the mean over the group's runs at each analysis step; the band spans the min to the
 max over those runs (with 2 to 5 seeds the range shows every run, where mean +- sd would hide
-some); baselines (the permutation null's mean, its p95) are drawn dashed / dotted in the group's
+some); baselines (the null's mean, its p95) are drawn dashed / dotted in the group's
 colour. The step axis is logarithmic with step 0 drawn at 0.5, as in the run's own
 `over_training` figures (`convergent.plotting.over_training_figure`).
 """

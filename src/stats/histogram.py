@@ -31,9 +31,9 @@ from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric
 
-from convergent.stats.moments import SumStates, flatten_samples
+from convergent.stats.metric import StreamingMetric, SumStates
+from convergent.stats.moments import flatten_samples
 
 Pair = tuple[int, int]
 
@@ -56,8 +56,7 @@ def _check_acts(acts: Sequence[Tensor], sizes: Sequence[int]) -> list[Tensor]:
     for i, x in enumerate(xs):
         if x.shape != (rows, sizes[i]):
             raise ValueError(
-                f"net {i}: expected {rows} samples of {sizes[i]} units, got {tuple(x.shape)}; "
-                "all nets must see the same inputs"
+                f"net {i}: expected {rows} samples of {sizes[i]} units, got {tuple(x.shape)}; all nets must see the same inputs"
             )
     return xs
 
@@ -84,7 +83,7 @@ def digitize(x: Tensor, edges: Tensor) -> Tensor:
     return idx
 
 
-class UnitBins(Metric):
+class UnitBins(StreamingMetric):
     """Pass 1: per-unit bin edges (zero bin + equal-count percentile bins over positive values).
 
     ``UnitBins(sizes)``: ``sizes[i]`` is the number of units of net i.
@@ -107,10 +106,6 @@ class UnitBins(Metric):
     ``[C_i, n_fine + 2]`` (column 0: values below the threshold, 1..n_fine: the fine grid,
     n_fine + 1: overflow) and ``max_i`` float64 ``[C_i]`` (reduced with ``max``).
     """
-
-    full_state_update = False
-    is_differentiable = False
-    higher_is_better = None
 
     def __init__(
         self,
@@ -237,10 +232,6 @@ class JointHistogram(SumStates):
     ``chunk_elements`` one-hot entries. States are float64 sums ``[C_a * B, C_b * B]`` per pair
     (``8 * B**2 * C_a * C_b`` bytes: 118 MB for two 384-unit layers) plus the sample count ``n``.
     """
-
-    full_state_update = False
-    is_differentiable = False
-    higher_is_better = None
 
     def __init__(
         self,

@@ -23,8 +23,8 @@ from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
-from torchmetrics import Metric
 
+from convergent.stats.metric import SumStates
 from convergent.stats.scratch import scratch
 
 Block = tuple[int, int]
@@ -166,10 +166,7 @@ class MomentStats:
             if not 0 <= x < self.k:
                 raise IndexError(f"net index {x} out of range 0..{self.k - 1}")
         if j is not None and not self.has_block(i, j):
-            raise KeyError(
-                f"no joint moments kept for nets ({i}, {j}); add the pair to `pairs` "
-                f"(kept: {self.blocks})"
-            )
+            raise KeyError(f"no joint moments kept for nets ({i}, {j}); add the pair to `pairs` (kept: {self.blocks})")
         if self._n <= 0:
             raise ValueError("no samples accumulated: run update() before asking for statistics")
 
@@ -428,30 +425,6 @@ def _run_length(rows: int) -> int:
     return int(min(PRODUCT_SAMPLES, max(MIN_RUN, 2 * rows)))
 
 
-class SumStates(Metric):
-    """A Metric whose states are sums of fixed shape.
-
-    torchmetrics keeps a deep copy of every state as its reset value; for moment matrices that
-    doubles the memory. Here the reset values are 0-dim zeros and `reset()` zeroes in place."""
-
-    def add_sum_state(self, name: str, shape, dtype: torch.dtype = torch.float64, reduce: str = "sum") -> None:
-        self.add_state(name, torch.zeros((), dtype=dtype), dist_reduce_fx=reduce)
-        setattr(self, name, torch.zeros(shape, dtype=dtype, device=self.device))
-
-    def reset(self) -> None:
-        self._update_count = 0
-        self._forward_cache = None
-        self._computed = None
-        self._cache = None
-        self._is_synced = False
-        for name in self._defaults:
-            getattr(self, name).zero_()
-
-    def state_bytes(self) -> int:
-        """Bytes held by this accumulator's states."""
-        return sum(t.numel() * t.element_size() for t in self.metric_state.values() if isinstance(t, Tensor))
-
-
 def chunk_shift(a: Tensor, dtype: torch.dtype) -> Tensor:
     """Per-unit shift of a chunk [B, C, P] before its float32 products: the mean of its first
     images, an estimate of the chunk's mean cheap enough to compute for every chunk."""
@@ -475,10 +448,6 @@ class Moments(SumStates):
         :class:`GroupedMomentStats` (leave-one-group-out statistics for jackknife intervals, a
         fit/held-out split of even/odd groups). Every group's sums cost one more copy of the states.
     """
-
-    full_state_update = False
-    is_differentiable = False
-    higher_is_better = None
 
     def __init__(
         self,

@@ -22,11 +22,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from convergent.stats.metric import SumStates
 from convergent.stats.moments import (
     CHUNK_ELEMENTS,
     GroupedMomentStats,
     MomentStats,
-    SumStates,
     _full_precision_matmul,
     _WorkRows,
     chunk_shift,
@@ -73,11 +73,9 @@ class RepairedCross(SumStates):
     `Moments.update` (an int o: image i is probe image o + i, in group (o + i) % groups). Products
     as in `Moments` (float32 on data shifted per chunk, shift terms added back in float64)."""
 
-    full_state_update = False
-    is_differentiable = False
-    higher_is_better = None
-
-    def __init__(self, size_a: int, size_b: int, draws: int, groups: int = 2, product_dtype: torch.dtype = torch.float64, **kwargs) -> None:
+    def __init__(
+        self, size_a: int, size_b: int, draws: int, groups: int = 2, product_dtype: torch.dtype = torch.float64, **kwargs
+    ) -> None:
         super().__init__(**kwargs)
         if draws < 1:
             raise ValueError(f"draws must be >= 1, got {draws}")
@@ -91,7 +89,9 @@ class RepairedCross(SumStates):
 
     def update(self, a: Tensor, b: Tensor, perms: Tensor, group: Tensor | int | None = None) -> None:
         if a.shape[0] != b.shape[0] or a.shape[2:] != b.shape[2:] or a.shape[1] != self.size_a or b.shape[1] != self.size_b:
-            raise ValueError(f"expected a [N, {self.size_a}, ...] and b [N, {self.size_b}, ...] alike, got {tuple(a.shape)}, {tuple(b.shape)}")
+            raise ValueError(
+                f"expected a [N, {self.size_a}, ...] and b [N, {self.size_b}, ...] alike, got {tuple(a.shape)}, {tuple(b.shape)}"
+            )
         n = a.shape[0]
         if tuple(perms.shape) != (self.draws, n):
             raise ValueError(f"perms must be [{self.draws}, {n}], got {tuple(perms.shape)}")
@@ -100,50 +100,58 @@ class RepairedCross(SumStates):
         fa = a.detach().reshape(n, self.size_a, -1)
         fb = b.detach().reshape(n, self.size_b, -1)
         perms = perms.to(fa.device)
-        # chunks of a's images bound the work buffer; their partners come from the whole batch
-        step = max(1, CHUNK_ELEMENTS // (fa.shape[2] * (self.size_a + self.size_b + 4)))
+        work = torch.float64 if self.product_dtype == torch.float64 else self.product_dtype
+        norms_b = fb.to(work).square().sum(1)  # [N, P]: |x_b|^2 of every sample, re-paired by index
+        # chunks of a's images bound the work buffer (a's rows and every draw's b rows); their
+        # partners come from the whole batch
+        rows = self.size_a + 2 + self.draws * (self.size_b + 2)
+        step = max(1, CHUNK_ELEMENTS // (fa.shape[2] * rows))
         for lo in range(0, n, step):
             hi = min(n, lo + step)
             part = group if group is None else (group + lo if isinstance(group, int) else group[lo:hi])
             with _full_precision_matmul():
-                self._fold(fa[lo:hi], fb, perms[:, lo:hi], group_segments(hi - lo, self.groups, part))
+                self._fold(fa[lo:hi], fb, norms_b, perms[:, lo:hi], group_segments(hi - lo, self.groups, part))
 
-    def _fold(self, a: Tensor, b: Tensor, perms: Tensor, segments) -> None:
-        """a: this chunk's images [n, C_a, P]; b: the whole batch [N, C_b, P]; perms [R, n]: each
-        chunk image's partner in b. One work buffer: a's shifted units, a row of ones, |x_a|^2,
-        then the same three for the re-paired b (refilled per draw)."""
+    def _fold(self, a: Tensor, b: Tensor, norms_b: Tensor, perms: Tensor, segments) -> None:
+        """a: this chunk's images [n, C_a, P]; b: the whole batch [N, C_b, P] and its per-sample
+        squared norms [N, P]; perms [R, n]: each chunk image's partner in b, per draw. One work
+        buffer: a's shifted units, a row of ones, |x_a|^2, then for every draw the re-paired b's
+        shifted units, a row of ones and |x_b|^2; one product of a's rows with all the draws'
+        rows (a thin product per draw is several times slower)."""
         f64 = torch.float64
         work = f64 if self.product_dtype == f64 else self.product_dtype
-        ca, cb = self.size_a, self.size_b
+        ca, cb, r = self.size_a, self.size_b, self.draws
         n, p = a.shape[0], a.shape[2]
-        x = _WorkRows(ca + cb + 4, n, p, work, a.device)
-        ra, rb = slice(0, ca + 2), slice(ca + 2, ca + cb + 4)
+        wb = cb + 2  # rows of one draw
+        x = _WorkRows(ca + 2 + r * wb, n, p, work, a.device)
+        ra = slice(0, ca + 2)
         sa, sb = chunk_shift(a, work), chunk_shift(b.index_select(0, perms[0]), work)
         x.fill(slice(0, ca), a, sa, segments)
         x.rows(ca).fill_(1.0)
-        x.rows(ca + cb + 2).fill_(1.0)
-        self._norms(x, a, ca + 1, segments, work)
+        self._norm_rows(x, a.to(work).square().sum(1), ca + 1, segments)
+        for d in range(r):
+            base = ca + 2 + d * wb
+            order = perms[d]
+            x.fill(slice(base, base + cb), b.index_select(0, order), sb, segments)
+            x.rows(base + cb).fill_(1.0)
+            self._norm_rows(x, norms_b.index_select(0, order), base + cb + 1, segments)
+        prod = x.products(ra, slice(ca + 2, ca + 2 + r * wb), segments)  # [S, C_a + 2, R (C_b + 2)]
+        prod = prod.reshape(prod.shape[0], ca + 2, r, wb).permute(2, 0, 1, 3)  # [R, S, C_a + 2, C_b + 2]
         sa64, sb64 = sa.to(f64), sb.to(f64)
         gids = torch.tensor([s.group for s in segments], dtype=torch.long, device=a.device)
-        for d in range(self.draws):
-            bd = b.index_select(0, perms[d])
-            x.fill(slice(ca + 2, ca + 2 + cb), bd, sb, segments)
-            self._norms(x, bd, ca + cb + 3, segments, work)
-            prod = x.products(ra, rb, segments)  # [S, C_a + 2, C_b + 2]
-            cross = prod[:, :ca, :cb]
-            s_a, s_b = prod[:, :ca, cb], prod[:, ca, :cb]  # shifted sums of a and of the re-paired b
-            cnt = prod[:, ca, cb]
-            raw = cross + sa64[None, :, None] * s_b[:, None, :] + s_a[:, :, None] * sb64[None, None, :]
-            raw += cnt[:, None, None] * torch.outer(sa64, sb64)
-            self.sxx[d].index_add_(0, gids, raw)
-            self.qq[d].index_add_(0, gids, prod[:, ca + 1, cb + 1])
-            self.qx_ab[d].index_add_(0, gids, prod[:, ca + 1, :cb] + prod[:, ca + 1, cb, None] * sb64)
-            self.qx_ba[d].index_add_(0, gids, prod[:, :ca, cb + 1] + prod[:, ca, cb + 1, None] * sa64)
+        cross = prod[:, :, :ca, :cb]
+        s_a, s_b = prod[:, :, :ca, cb], prod[:, :, ca, :cb]  # shifted sums of a and of the re-paired b
+        cnt = prod[:, :, ca, cb]
+        raw = cross + sa64[:, None] * s_b[:, :, None, :] + s_a[..., None] * sb64
+        raw += cnt[..., None, None] * torch.outer(sa64, sb64)
+        self.sxx.index_add_(1, gids, raw)
+        self.qq.index_add_(1, gids, prod[:, :, ca + 1, cb + 1])
+        self.qx_ab.index_add_(1, gids, prod[:, :, ca + 1, :cb] + prod[:, :, ca + 1, cb, None] * sb64)
+        self.qx_ba.index_add_(1, gids, prod[:, :, :ca, cb + 1] + prod[:, :, ca, cb + 1, None] * sa64)
 
     @staticmethod
-    def _norms(x: _WorkRows, acts: Tensor, row: int, segments, work: torch.dtype) -> None:
-        """Row `row` of the buffer = every sample's squared norm |x|^2 (squared in the work dtype)."""
-        norms = acts.to(work).square().sum(1)  # [N, P]
+    def _norm_rows(x: _WorkRows, norms: Tensor, row: int, segments) -> None:
+        """Row `row` of the buffer = the squared norms [N, P] of the chunk's images, in segment order."""
         target = x.rows(row)
         for seg in segments:
             target[seg.lo : seg.hi] = norms[seg.images]
@@ -152,7 +160,9 @@ class RepairedCross(SumStates):
         return RepairedSums(self.sxx.clone(), self.qq.clone(), self.qx_ab.clone(), self.qx_ba.clone())
 
 
-def null_stats(real: GroupedMomentStats, a: int, b: int, repaired: RepairedSums, draw: int, groups: Sequence[int] | None = None) -> MomentStats:
+def null_stats(
+    real: GroupedMomentStats, a: int, b: int, repaired: RepairedSums, draw: int, groups: Sequence[int] | None = None
+) -> MomentStats:
     """The statistics of nets a and b (indices 0 and 1 of the result) with b's images re-paired
     (draw `draw`), over the real statistics' groups `groups` (None: all). The null's own groups
     are the parity classes: real groups {0, 2, ...} are its group 0, {1, 3, ...} its group 1."""

@@ -23,9 +23,9 @@ from functools import partial
 import torch
 from torch import Tensor
 from torch.nn import functional as F
-from torchmetrics import Metric
 
 from convergent.models.receptive_field import ReceptiveField
+from convergent.stats.metric import StreamingMetric
 from convergent.stats.scratch import scratch
 
 # Candidates = (value, image, y, x); a key orders (image, y, x) lexicographically.
@@ -100,12 +100,14 @@ def _batch_top(values: Tensor, keys: Callable[[Tensor], Tensor], k: int, floor: 
         cols = tied.nonzero().squeeze(1)
         sub, sub_kth = values[cols], kth[cols]
         key = keys(torch.arange(values.shape[1], device=values.device))
-        rank = torch.where(sub > sub_kth, torch.full_like(key, -1), torch.where(sub == sub_kth, key, torch.full_like(key, _NO_KEY)))
+        rank = torch.where(
+            sub > sub_kth, torch.full_like(key, -1), torch.where(sub == sub_kth, key, torch.full_like(key, _NO_KEY))
+        )
         rows[cols] = torch.topk(rank, kk, dim=1, largest=False).indices
     return rows
 
 
-class TopActivations(Metric):
+class TopActivations(StreamingMetric):
     """Top-k activations of every unit of ``len(sizes)`` nets, with their (image, y, x).
 
     ``TopActivations(sizes, k=9)``.
@@ -118,10 +120,6 @@ class TopActivations(Metric):
     An image index should appear at most once per batch (repeats across batches or processes are
     merged); activations are compared in float64 (exact for float32/16 inputs).
     """
-
-    full_state_update = False
-    is_differentiable = False
-    higher_is_better = None
 
     def __init__(self, sizes: Sequence[int], k: int = 9, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -166,7 +164,9 @@ class TopActivations(Metric):
                 v.copy_(a[lo:hi].reshape(hi - lo, c, hw).transpose(0, 1))
                 v = v.view(c, (hi - lo) * hw).nan_to_num_(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
 
-                def where(rows: Tensor, lo: int = lo, hw: int = hw, images: Tensor = images, w: int = w) -> Tensor:  # (image, y, x) of rows
+                def where(
+                    rows: Tensor, lo: int = lo, hw: int = hw, images: Tensor = images, w: int = w
+                ) -> Tensor:  # (image, y, x) of rows
                     pos = rows % hw
                     return torch.stack([images[lo + torch.div(rows, hw, rounding_mode="floor")], pos // w, pos % w], -1)
 

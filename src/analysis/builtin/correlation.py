@@ -76,13 +76,22 @@ register_measure(
     **{**_MATCH, "ignores_dead": False},
 )
 register_measure(
-    "align/max_match", max_match_score, description="mean matched correlation of the one-to-one (Hungarian) matching", **{**_MATCH, "symmetric": True, "ignores_dead": False}
+    "align/max_match",
+    max_match_score,
+    description="mean matched correlation of the one-to-one (Hungarian) matching",
+    **{**_MATCH, "symmetric": True, "ignores_dead": False},
 )
 register_measure(
-    "align/semi_match_live", semi_match_live, description="semi_match over live units of both nets (dead units left out)", **_MATCH
+    "align/semi_match_live",
+    semi_match_live,
+    description="semi_match over live units of both nets (dead units left out)",
+    **_MATCH,
 )
 register_measure(
-    "align/max_match_live", max_match_live, description="max_match over live units of both nets (dead units left out)", **{**_MATCH, "symmetric": True}
+    "align/max_match_live",
+    max_match_live,
+    description="max_match over live units of both nets (dead units left out)",
+    **{**_MATCH, "symmetric": True},
 )
 
 

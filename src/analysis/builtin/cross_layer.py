@@ -29,7 +29,9 @@ class CrossLayerResult(Result):
 
     def arrays(self):
         return {
-            f"cross_layer/{label}/{pair_suffix(a, b)}": m for label, per_pair in self.matrices.items() for (a, b), m in per_pair.items()
+            f"cross_layer/{label}/{pair_suffix(a, b)}": m
+            for label, per_pair in self.matrices.items()
+            for (a, b), m in per_pair.items()
         }
 
 

@@ -30,9 +30,7 @@ class CCAOptions:
 _CKA = frozenset({"permutation", "orthogonal", "isotropic_scaling", "translation"})
 _SIM = dict(cross_layer=True, value_range=(0.0, 1.0))
 
-register_measure(
-    "cka/linear", measures.linear_cka, invariances=_CKA, **_SIM, description="linear CKA (Kornblith et al. 2019)"
-)
+register_measure("cka/linear", measures.linear_cka, invariances=_CKA, **_SIM, description="linear CKA (Kornblith et al. 2019)")
 register_measure(
     "cka/linear_debiased",
     measures.linear_cka_debiased,

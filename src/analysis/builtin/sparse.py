@@ -30,7 +30,7 @@ class SparseOptions:
     layers: Any = "conv"  # conv | all | [conv1, conv2] (fc layers: few samples, slow ill-posed paths)
     l1: list[float] = field(default_factory=lambda: list(DEFAULT_L1))  # the L1 path
     tol: float = 1.0e-6  # KKT tolerance of the solver (correlation units)
-    max_iter: int = 1000  # proximal-gradient steps per L1 weight (not converged: reported, not an error)
+    max_iter: int = 1000  # solver steps (ADMM + active-set) per L1 weight (not converged: reported, not an error)
 
     def __post_init__(self) -> None:
         if any(float(w) < 0 for w in self.l1):

@@ -39,7 +39,11 @@ class SpectralResult(Result):
 
     def scalars(self) -> dict[str, Any]:
         key = f"spectral/{self.layer}"
-        return {f"{key}/shared_fraction": self.shared_fraction, f"{key}/within_corr": self.within_corr, f"{key}/random_corr": self.random_corr}
+        return {
+            f"{key}/shared_fraction": self.shared_fraction,
+            f"{key}/within_corr": self.within_corr,
+            f"{key}/random_corr": self.random_corr,
+        }
 
     def arrays(self):
         out = {}
@@ -84,7 +88,9 @@ class Spectral(Analysis):
             if n_clusters < 2:  # fewer than two live units: nothing to cluster; scored 0
                 res.shared_fraction[(a, b)] = res.within_corr[(a, b)] = res.random_corr[(a, b)] = 0.0
                 continue
-            labels = clustering.spectral_clusters(stats, a, b, n_clusters, affinity=o.affinity, seed=seed, assign_labels=o.assign_labels)
+            labels = clustering.spectral_clusters(
+                stats, a, b, n_clusters, affinity=o.affinity, seed=seed, assign_labels=o.assign_labels
+            )
             summary = clustering.spectral_summary(stats, labels, a=a, b=b, seed=seed)
             res.labels[(a, b)] = labels.cpu().numpy() if hasattr(labels, "cpu") else np.asarray(labels)
             res.order[(a, b)] = np.asarray(summary["order"])
