@@ -113,7 +113,9 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(row)
 
     print(f"step {step}, members {args.members}, {args.draws} random re-pairings of {len(probe)} probe images")
-    print(f"{'key':28s} {'value':>7s} {'same img':>8s} {'logged null':>11s} {'p95':>6s} {'re-paired':>9s} {'(se)':>7s} {'diff':>7s}")
+    print(
+        f"{'key':28s} {'value':>7s} {'same img':>8s} {'logged null':>11s} {'p95':>6s} {'re-paired':>9s} {'(se)':>7s} {'diff':>7s}"
+    )
     for r in rows:
         fmt = lambda v, w=7: f"{v:{w}.4f}" if v is not None else f"{'-':>{w}s}"  # noqa: E731
         print(
