@@ -112,10 +112,10 @@ def sparse_384(options: Options) -> Measured:
     two random-init paper AlexNets (227 px) on nearly uniform images (one colour per image plus
     1e-3 noise, so every position of an image sees almost the same input), fit / held-out split
     on even / odd images as the monitor does, one direction, the default L1 path, tol and max_iter.
-    Full runs also time the solver before issue 20 (`_sparse_fista`) on the same Gram matrices."""
+    Full runs also time the solver before issue 20 (`benchmarks/sparse_fista_reference.py`) on the same Gram matrices."""
     import warnings as _warnings
 
-    from convergent.analysis._sparse_fista import lasso_gram_path_fista
+    from benchmarks.sparse_fista_reference import lasso_gram_path_fista
     from convergent.analysis.builtin.sparse import SparseOptions
     from convergent.analysis.sparse import sparse_prediction
     from convergent.ensemble import build_member

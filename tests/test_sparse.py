@@ -373,7 +373,7 @@ def test_collinear_not_converged_is_reported_honestly():
 
 
 def test_new_solver_agrees_with_the_previous_one():
-    from convergent.analysis._sparse_fista import lasso_gram_path_fista
+    from benchmarks.sparse_fista_reference import lasso_gram_path_fista
     from convergent.analysis.sparse import lasso_gram_path
 
     xa, xb = _relu_pair(n=2000, p=20, t=10, seed=11)

@@ -39,6 +39,7 @@ from convergent.functional.interpolate import (
     DEFAULT_POINTS,
     METHODS,
     Curve,
+    CurveSummaries,
     Interpolation,
     PreStats,
     _check_pair,
@@ -56,7 +57,7 @@ CONV1_CACHE_BYTES = 256 << 20
 
 
 @dataclass
-class FunctionalResult:
+class FunctionalResult(CurveSummaries):
     """Functional-convergence numbers of one pair (a, b) on the probe set.
 
     t: the interpolation points; curves[method]: loss and accuracy along t; barrier[method],
@@ -75,14 +76,6 @@ class FunctionalResult:
     perms: dict[str, dict[str, Tensor]]
     n_images: int
     seconds: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def barrier(self) -> dict[str, float]:
-        return {m: c.barrier for m, c in self.curves.items()}
-
-    @property
-    def mid_acc(self) -> dict[str, float]:
-        return {m: c.mid_acc for m, c in self.curves.items()}
 
     def scalars(self) -> dict[str, float]:
         """The logged values, keyed without the pair suffix."""

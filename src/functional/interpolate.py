@@ -88,9 +88,8 @@ class Curve:
         return float(self.loss[int(np.flatnonzero(self.t == 0.5)[0])])
 
 
-@dataclass
-class Barriers:
-    """Curves per method, with their barrier and midpoint accuracy."""
+class CurveSummaries:
+    """`barrier` and `mid_acc` per method, from the `curves` of the class it is mixed into."""
 
     curves: dict[str, Curve]
 
@@ -101,6 +100,13 @@ class Barriers:
     @property
     def mid_acc(self) -> dict[str, float]:
         return {m: c.mid_acc for m, c in self.curves.items()}
+
+
+@dataclass
+class Barriers(CurveSummaries):
+    """Curves per method, with their barrier and midpoint accuracy."""
+
+    curves: dict[str, Curve]
 
 
 def neighbourhood(position: Tensor, size: int) -> Tensor:

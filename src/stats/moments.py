@@ -71,13 +71,9 @@ def resolve_blocks(k: int, pairs: Iterable[Sequence[int]] | None) -> list[Block]
     return [(i, i) for i in range(k)] + between
 
 
-class MomentStats:
-    """Summed moment states of K networks' units, and every statistic derived from them.
-
-    ``n`` samples; ``sums[i]`` = sum of x_i; ``sxx[(i, j)]`` = sum of x_i x_j^T (i <= j, raw);
-    optional per-sample squared-norm sums used by the debiased CKA:
-    ``qq[(i, j)]`` = sum of |x_i|^2 |x_j|^2 and ``qx[(i, j)]`` = sum of |x_i|^2 x_j.
-    """
+class SummedStates:
+    """Summed moment states of K networks (`MomentStats`: one set; `GroupedMomentStats`: one per
+    group of images, a leading group dimension), held in containers of their own, n in float64."""
 
     def __init__(
         self,
@@ -95,6 +91,18 @@ class MomentStats:
         self.qq = dict(qq or {})
         self.qx = dict(qx or {})
         self._memo: dict = {}
+
+
+class MomentStats(SummedStates):
+    """Summed moment states of K networks' units, and every statistic derived from them.
+
+    ``n`` samples; ``sums[i]`` = sum of x_i; ``sxx[(i, j)]`` = sum of x_i x_j^T (i <= j, raw);
+    optional per-sample squared-norm sums used by the debiased CKA:
+    ``qq[(i, j)]`` = sum of |x_i|^2 |x_j|^2 and ``qx[(i, j)]`` = sum of |x_i|^2 x_j.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
         self._parents: dict[int, tuple[MomentStats, int]] = {}
 
     def memo(self, key, compute):
@@ -243,7 +251,7 @@ def _renamed(key: tuple, net: int) -> tuple:
     return (key[0], net, net, *key[3:])
 
 
-class GroupedMomentStats:
+class GroupedMomentStats(SummedStates):
     """Moment sums of G disjoint groups of images (`Moments(..., groups=G)`), and the statistics of
     any union of them, each a :class:`MomentStats`: ``total`` (every image), ``subset(groups)``,
     ``leave_out(g)`` (every group but g, for jackknife intervals), and ``fit`` / ``held`` (the even /
@@ -253,34 +261,22 @@ class GroupedMomentStats:
     ``sxx[(i, j)]`` [G, C_i, C_j], ``qq`` [G], ``qx`` [G, C]. The derived MomentStats are built once
     each (analyses memoise on them)."""
 
-    def __init__(
-        self,
-        sizes: Sequence[int],
-        n: Tensor,
-        sums: Sequence[Tensor],
-        sxx: dict[Block, Tensor],
-        qq: dict[Block, Tensor] | None = None,
-        qx: dict[Block, Tensor] | None = None,
-    ) -> None:
-        self.sizes = tuple(int(s) for s in sizes)
-        self.n = n.to(torch.float64)
-        self.sums = list(sums)
-        self.sxx = dict(sxx)
-        self.qq = dict(qq or {})
-        self.qx = dict(qx or {})
-        self._cache: dict = {}
+    @property
+    def n(self) -> Tensor:
+        """Samples per group [G]."""
+        return self._n
 
     @property
     def groups(self) -> int:
         return int(self.n.shape[0])
 
     def _reduce(self, key, pick) -> MomentStats:
-        if key not in self._cache:
+        if key not in self._memo:
 
             def red(t: Tensor) -> Tensor:
                 return pick(t)
 
-            self._cache[key] = MomentStats(
+            self._memo[key] = MomentStats(
                 self.sizes,
                 red(self.n),
                 [red(s) for s in self.sums],
@@ -288,7 +284,7 @@ class GroupedMomentStats:
                 {b: red(v) for b, v in self.qq.items()},
                 {b: red(v) for b, v in self.qx.items()},
             )
-        return self._cache[key]
+        return self._memo[key]
 
     @property
     def total(self) -> MomentStats:
