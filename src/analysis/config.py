@@ -104,9 +104,7 @@ class AnalysisConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     full_every: int = 5  # heavy analyses and figures at step 0, every full_every-th analysis step and the end
     figures: str = "full"  # full: at every full step | ends: step 0 and the end | none
-    background_writes: bool = (
-        False  # true: figures, tables and files by a background thread (on a CPU it competes with training for the GIL: slower)
-    )
+    background_writes: bool = False  # true: figures and files by a background thread (slower on a CPU: README)
     save_checkpoints: bool = True  # checkpoints/analysis/step=<step>.ckpt at every analysis step
     products: str = "auto"  # shifted products per chunk: auto (float32) | float32 | float64; sums always float64
     max_units: int | None = None  # keep at most this many units per layer (a fixed random subset)
