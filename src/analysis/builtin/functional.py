@@ -90,6 +90,8 @@ class Functional(Analysis):
     def run(self, ctx) -> FunctionalStepResult:
         from convergent.functional import evaluate_pair
 
+        if ctx.members is None or ctx.batches is None:
+            raise ValueError("functional needs the members and their probe batches: analyse(..., members=, batches=)")
         o = ctx.plan.config.functional
         res = FunctionalStepResult()
         # the monitor's moments over the same probe images (layers kept whole: no max_units subset)
