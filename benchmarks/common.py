@@ -257,3 +257,19 @@ class GeneratedProbe:
             hi = min(self.n, lo + self.batch)
             g = torch.Generator().manual_seed(lo)
             yield torch.randn(hi - lo, 1, 28, 28, generator=g), torch.zeros(hi - lo, dtype=torch.long), torch.arange(lo, hi)
+
+
+def run_members_and_probe(run):
+    """The members of a run directory's checkpoints/last.ckpt, its step, and the run's probe set
+    (its saved config's data set, probe size and seed): what the independent checks recompute on."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from convergent.analyze import load_members
+
+    torch.set_num_threads(1)
+    cfg = OmegaConf.load(Path(run) / ".hydra" / "config.yaml")
+    members, step = load_members([Path(run) / "checkpoints" / "last.ckpt"])
+    data = instantiate(cfg.data)
+    data.setup()
+    return members, step, data.probe_set(cfg.analysis.probe_size, cfg.analysis.get("probe_seed", 0))

@@ -20,10 +20,8 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
-from convergent.analyze import load_members
+from benchmarks.common import run_members_and_probe
 
 PER_PAIR = re.compile(r"/m\d+-m\d+$")
 
@@ -67,12 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--members", nargs=2, type=int, default=[0, 1])
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    cfg = OmegaConf.load(args.run / ".hydra" / "config.yaml")
-    members, step = load_members([args.run / "checkpoints" / "last.ckpt"])
-    data = instantiate(cfg.data)
-    data.setup()
-    probe = data.probe_set(cfg.analysis.probe_size, cfg.analysis.get("probe_seed", 0))
+    members, step, probe = run_members_and_probe(args.run)
     a, b = (members[i].eval() for i in args.members)
 
     values = logged(args.run)

@@ -18,10 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
-from convergent.analyze import load_members
+from benchmarks.common import run_members_and_probe
 
 
 def activations(member: torch.nn.Module, probe, layers: list[str], batch_size: int = 250) -> dict[str, np.ndarray]:
@@ -82,12 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
 
-    torch.set_num_threads(1)
-    cfg = OmegaConf.load(args.run / ".hydra" / "config.yaml")
-    members, step = load_members([args.run / "checkpoints" / "last.ckpt"])
-    data = instantiate(cfg.data)
-    data.setup()
-    probe = data.probe_set(cfg.analysis.probe_size, cfg.analysis.get("probe_seed", 0))
+    members, step, probe = run_members_and_probe(args.run)
     a, b = (activations(members[i], probe, args.layers) for i in args.members)
     rng = np.random.default_rng(args.seed)
     perms = [rng.permutation(len(probe)) for _ in range(args.draws)]
