@@ -109,3 +109,28 @@ def single_thread():
             yield
     finally:
         torch.set_num_threads(before)
+
+
+def train_small_member(seed: int, data, steps: int, optimizer, batch: int):
+    """The main job's model (alexnet_small 0.25, dropout 0.5, LRN after the pool) trained `steps`
+    steps on random batches of `data`'s training tensors (channels_last for speed), seeded by
+    `seed`; `optimizer(params)` builds the optimiser. Returned in eval mode."""
+    import torch
+    import torch.nn.functional as F
+
+    from convergent.models import AlexNet
+
+    x, y = data.train_set.tensors
+    x = x.contiguous(memory_format=torch.channels_last)
+    torch.manual_seed(seed)
+    net = AlexNet.small(num_classes=10, in_channels=1, input_size=28, width=0.25, dropout=0.5, lrn="after_pool")
+    net = net.to(memory_format=torch.channels_last)
+    opt = optimizer(net.parameters())
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (batch,), generator=g)
+        loss = F.cross_entropy(net(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return net.eval().to(memory_format=torch.contiguous_format)

@@ -40,6 +40,7 @@ from convergent.functional.permute import check_perms, collect_moments, dense_te
 from convergent.models import AlexNet, build_model
 from convergent.models.alexnet import LocalResponseNorm, channel_window
 from convergent.stats import Moments
+from tests.support import train_small_member
 
 torch.set_num_threads(1)
 
@@ -93,21 +94,8 @@ def l2(a: AlexNet, b: AlexNet) -> float:
 
 
 def train_member(seed: int, data: Synthetic, steps: int = 120) -> AlexNet:
-    """A member briefly trained (Adam) on the synthetic data set, channels_last for speed."""
-    x, y = data.train_set.tensors
-    x = x.contiguous(memory_format=torch.channels_last)
-    torch.manual_seed(seed)
-    net = AlexNet.small(num_classes=10, in_channels=1, input_size=28, width=0.25, dropout=0.5, lrn="after_pool")
-    net = net.to(memory_format=torch.channels_last)
-    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        idx = torch.randint(0, len(x), (32,), generator=g)
-        loss = F.cross_entropy(net(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return net.eval().to(memory_format=torch.contiguous_format)
+    """A member briefly trained (Adam, batch 32) on the synthetic data set."""
+    return train_small_member(seed, data, steps, lambda params: torch.optim.Adam(params, lr=2e-3), batch=32)
 
 
 @pytest.fixture(scope="module")

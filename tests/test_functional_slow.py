@@ -6,31 +6,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from convergent.data import MNIST5k
 from convergent.functional import HIDDEN, align, evaluate_pair
 from convergent.functional.permute import dense_tensors
 from convergent.models import AlexNet
+from tests.support import train_small_member
 
 pytestmark = pytest.mark.slow
 
 
 def train_member(seed: int, data: MNIST5k, steps: int = 600) -> AlexNet:
-    x, y = data.train_set.tensors
-    x = x.contiguous(memory_format=torch.channels_last)
-    torch.manual_seed(seed)
-    net = AlexNet.small(num_classes=10, in_channels=1, input_size=28, width=0.25, dropout=0.5, lrn="after_pool")
-    net = net.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        idx = torch.randint(0, len(x), (64,), generator=g)
-        loss = F.cross_entropy(net(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return net.eval().to(memory_format=torch.contiguous_format)
+    """A member trained like the main job's model (SGD, momentum 0.9, batch 64) on MNIST5k."""
+    return train_small_member(seed, data, steps, lambda params: torch.optim.SGD(params, lr=0.01, momentum=0.9), batch=64)
 
 
 @pytest.fixture(scope="module")
