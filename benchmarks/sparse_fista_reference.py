@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from convergent.analysis.sparse import PINV_RTOL, _kkt, _objective
+from convergent.analysis.sparse import PINV_RTOL, _kkt, _objective, path_outputs
 
 __all__ = ["lasso_gram_path_fista"]
 
@@ -100,12 +100,7 @@ def lasso_gram_path_fista(
     semi-definite). Returns ``W`` [L, p, t], gradient steps [L], KKT violation [L], converged [L], in the
     order of ``l1`` (solved from the largest down, warm-started)."""
     p, t = B.shape
-    lam_list = [float(v) for v in l1]
-    L = len(lam_list)
-    out = torch.zeros(L, p, t, dtype=B.dtype, device=B.device)
-    iters = torch.zeros(L, dtype=torch.int64)
-    kkts = torch.zeros(L, dtype=B.dtype)
-    conv = torch.ones(L, dtype=torch.bool)
+    lam_list, out, iters, kkts, conv = path_outputs(B, l1)
     if p == 0 or t == 0:
         return out, iters, kkts, conv
     W = torch.zeros(p, t, dtype=B.dtype, device=B.device)

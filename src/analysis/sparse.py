@@ -476,6 +476,16 @@ def _solve_one(
     return W, kkt, it, rho
 
 
+def path_outputs(B: Tensor, l1: Sequence[float]) -> tuple[list[float], Tensor, Tensor, Tensor, Tensor]:
+    """A path solver's L1 weights and its zeroed outputs: weights [L, p, t], iterations [L], KKT
+    violations [L] and converged [L] (true until a weight fails)."""
+    p, t = B.shape
+    lam_list = [float(v) for v in l1]
+    L = len(lam_list)
+    out = torch.zeros(L, p, t, dtype=B.dtype, device=B.device)
+    return lam_list, out, torch.zeros(L, dtype=torch.int64), torch.zeros(L, dtype=B.dtype), torch.ones(L, dtype=torch.bool)
+
+
 def lasso_gram_path(
     R: Tensor,
     B: Tensor,
@@ -494,12 +504,8 @@ def lasso_gram_path(
     the path's own warm start), e.g. the previous analysis step's solution; an active-set step is
     tried from it first."""
     p, t = B.shape
-    lam_list = [float(v) for v in l1]
+    lam_list, out, iters, kkts, conv = path_outputs(B, l1)
     L = len(lam_list)
-    out = torch.zeros(L, p, t, dtype=B.dtype, device=B.device)
-    iters = torch.zeros(L, dtype=torch.int64)
-    kkts = torch.zeros(L, dtype=B.dtype)
-    conv = torch.ones(L, dtype=torch.bool)
     if p == 0 or t == 0:
         return out, iters, kkts, conv
     warm = list(warm_start) if warm_start is not None else [None] * L
