@@ -354,6 +354,12 @@ class _WorkRows:
             else:
                 torch.sub(src.transpose(0, 1), shift[:, None, None], out=self.buf[sl, seg.lo : seg.hi])
 
+    def fill_row(self, row: int, values: Tensor, segments: list[Segment]) -> None:
+        """Row `row` = one value per sample, `values` [B, P] with images in the chunk's order."""
+        target = self.rows(row)  # [B, P] in segment order
+        for seg in segments:
+            target[seg.lo : seg.hi] = values[seg.images]
+
     def products(self, r: slice, c: slice, segments: list[Segment]) -> Tensor:
         """Per segment, the float64 sum over its samples of rows(r) rows(c)^T: [S, n_r, n_c]."""
         f64 = torch.float64
@@ -520,10 +526,7 @@ class Moments(SumStates):
             for i, a in enumerate(acts):  # |x_i|^2 of every sample, from the raw activations
                 part = sq[:, : a.shape[1]]  # squared in the work dtype (a float32 square loses digits)
                 squares = torch.mul(a, a, out=part) if a.dtype == work else part.copy_(a).square_()
-                norms = torch.sum(squares, 1)  # [B, P], images in the chunk's order
-                target = x.rows(d + 1 + i)  # [B, P] in segment order
-                for seg in segments:
-                    target[seg.lo : seg.hi] = norms[seg.images]
+                x.fill_row(d + 1 + i, torch.sum(squares, 1), segments)
         # The extra rows against every row apart: a product of D + E rows is much slower than of
         # D rows when D fits the kernel's tiles and D + E does not.
         extra = x.products(slice(d, None), slice(None), segments)  # [S, E, D + E]

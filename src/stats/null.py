@@ -128,13 +128,13 @@ class RepairedCross(SumStates):
         sa, sb = chunk_shift(a, work), chunk_shift(b.index_select(0, perms[0]), work)
         x.fill(slice(0, ca), a, sa, segments)
         x.rows(ca).fill_(1.0)
-        self._norm_rows(x, a.to(work).square().sum(1), ca + 1, segments)
+        x.fill_row(ca + 1, a.to(work).square().sum(1), segments)
         for d in range(r):
             base = ca + 2 + d * wb
             order = perms[d]
             x.fill(slice(base, base + cb), b.index_select(0, order), sb, segments)
             x.rows(base + cb).fill_(1.0)
-            self._norm_rows(x, norms_b.index_select(0, order), base + cb + 1, segments)
+            x.fill_row(base + cb + 1, norms_b.index_select(0, order), segments)
         prod = x.products(ra, slice(ca + 2, ca + 2 + r * wb), segments)  # [S, C_a + 2, R (C_b + 2)]
         prod = prod.reshape(prod.shape[0], ca + 2, r, wb).permute(2, 0, 1, 3)  # [R, S, C_a + 2, C_b + 2]
         sa64, sb64 = sa.to(f64), sb.to(f64)
@@ -148,13 +148,6 @@ class RepairedCross(SumStates):
         self.qq.index_add_(1, gids, prod[:, :, ca + 1, cb + 1])
         self.qx_ab.index_add_(1, gids, prod[:, :, ca + 1, :cb] + prod[:, :, ca + 1, cb, None] * sb64)
         self.qx_ba.index_add_(1, gids, prod[:, :, :ca, cb + 1] + prod[:, :, ca, cb + 1, None] * sa64)
-
-    @staticmethod
-    def _norm_rows(x: _WorkRows, norms: Tensor, row: int, segments) -> None:
-        """Row `row` of the buffer = the squared norms [N, P] of the chunk's images, in segment order."""
-        target = x.rows(row)
-        for seg in segments:
-            target[seg.lo : seg.hi] = norms[seg.images]
 
     def compute(self) -> RepairedSums:
         return RepairedSums(self.sxx.clone(), self.qq.clone(), self.qx_ab.clone(), self.qx_ba.clone())
