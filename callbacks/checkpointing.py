@@ -102,25 +102,26 @@ class LastCheckpoint(pl.Callback):
             if pl_module.automatic_optimization and isinstance(getattr(loop, "_batches_that_stepped", None), int):
                 loop._batches_that_stepped = int(trainer.global_step)
 
+    def _save(self, trainer: pl.Trainer) -> None:
+        """last.ckpt now, after the monitor's pending writes (their own last.ckpt copies come first)."""
+        flush_analysis_writes(trainer)
+        save_checkpoint_atomic(trainer, self.last)
+
     def _epoch_due(self, trainer: pl.Trainer) -> bool:
         return (trainer.current_epoch + 1) % self.every_n_epochs == 0
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
         if ends_epoch(trainer, batch_idx) and self._epoch_due(trainer):
-            flush_analysis_writes(trainer)
-            save_checkpoint_atomic(trainer, self.last)
+            self._save(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.num_training_batches == float("inf") and self._epoch_due(trainer):  # no known last batch
-            flush_analysis_writes(trainer)
-            save_checkpoint_atomic(trainer, self.last)
+            self._save(trainer)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        flush_analysis_writes(trainer)
-        save_checkpoint_atomic(trainer, self.last)
+        self._save(trainer)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException):
-            flush_analysis_writes(trainer)
-            save_checkpoint_atomic(trainer, self.last)
+            self._save(trainer)
             self.sigterm_step = int(trainer.global_step)
