@@ -13,17 +13,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import json
-import re
-from collections import defaultdict
 from pathlib import Path
 
 import torch
 
 from benchmarks.common import run_members_and_probe
-
-PER_PAIR = re.compile(r"/m\d+-m\d+$")
+from convergent.report.runs import read_headline_metrics
 
 
 def averaged(net_a: torch.nn.Module, net_b: torch.nn.Module) -> torch.nn.Module:
@@ -49,14 +45,8 @@ def accuracy(net: torch.nn.Module, probe, batch_size: int = 250) -> float:
 
 
 def logged(run: Path) -> dict[str, dict[int, float]]:
-    """Every `func/...` key of csv/metrics.csv: step -> value."""
-    values: dict[str, dict[int, float]] = defaultdict(dict)
-    with open(run / "csv" / "metrics.csv", newline="") as f:
-        for row in csv.DictReader(f):
-            for key, value in row.items():
-                if key.startswith("func/") and value not in (None, ""):
-                    values[key][int(row["step"])] = float(value)
-    return values
+    """Every pair-average `func/...` key of csv/metrics.csv: step -> value."""
+    return {k: v for k, v in read_headline_metrics(run / "csv" / "metrics.csv").items() if k.startswith("func/")}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -70,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
 
     values = logged(args.run)
     steps = sorted({s for v in values.values() for s in v})
-    keys = sorted(k for k in values if not PER_PAIR.search(k))
+    keys = sorted(values)
     end = max(steps) if steps else None
     out = {
         "checkpoint_step": step,

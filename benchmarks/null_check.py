@@ -5,14 +5,13 @@ permutations, nothing shared with the monitor's streaming code), semi-match and 
     python -m benchmarks.null_check outputs/RUN                 # fc6, fc7; 32 re-pairings of members 0, 1
     python -m benchmarks.null_check outputs/RUN --layers conv5 fc6 fc7 --draws 64 --json null.json
 
-Prints, per layer and measure, the logged value and null (last row of csv/metrics.csv), the
+Prints, per layer and measure, the logged value and null (at the last step csv/metrics.csv holds them), the
 re-paired mean and its standard error, and the difference (issue 16's goal: |difference| <= 0.03).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import run_members_and_probe
+from convergent.report.runs import read_headline_metrics
 
 
 def activations(member: torch.nn.Module, probe, layers: list[str], batch_size: int = 250) -> dict[str, np.ndarray]:
@@ -59,15 +59,9 @@ def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
 MEASURES = {"align/{layer}/semi_match": semi_match, "cka/{layer}/linear": linear_cka}
 
 
-def last_logged(run: Path, keys: list[str]) -> dict[str, float]:
-    """The last non-empty value of each key in the run's csv/metrics.csv."""
-    found: dict[str, float] = {}
-    with open(run / "csv" / "metrics.csv", newline="") as f:
-        for row in csv.DictReader(f):
-            for key in keys:
-                if row.get(key) not in (None, ""):
-                    found[key] = float(row[key])
-    return found
+def last_logged(run: Path) -> dict[str, float]:
+    """Every headline key's value at the last step it was logged (csv/metrics.csv)."""
+    return {key: by_step[max(by_step)] for key, by_step in read_headline_metrics(run / "csv" / "metrics.csv").items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -85,11 +79,11 @@ def main(argv: list[str] | None = None) -> None:
     rng = np.random.default_rng(args.seed)
     perms = [rng.permutation(len(probe)) for _ in range(args.draws)]
 
+    logged = last_logged(args.run)
     rows = []
     for layer in args.layers:
         for template, measure in MEASURES.items():
             key = template.format(layer=layer)
-            logged = last_logged(args.run, [key, f"{key}/null", f"{key}/null_p95"])
             repaired = np.array([measure(a[layer], b[layer][p]) for p in perms])
             row = {
                 "key": key,
