@@ -135,7 +135,7 @@ class RepairedCross(SumStates):
             x.fill(slice(base, base + cb), b.index_select(0, order), sb, segments)
             x.rows(base + cb).fill_(1.0)
             x.fill_row(base + cb + 1, norms_b.index_select(0, order), segments)
-        prod = x.products(ra, slice(ca + 2, ca + 2 + r * wb), segments)  # [S, C_a + 2, R (C_b + 2)]
+        prod = x.products(ra, slice(ca + 2, ca + 2 + r * wb), segments, "null.prod")  # [S, C_a + 2, R (C_b + 2)]
         prod = prod.reshape(prod.shape[0], ca + 2, r, wb).permute(2, 0, 1, 3)  # [R, S, C_a + 2, C_b + 2]
         sa64, sb64 = sa.to(f64), sb.to(f64)
         gids = torch.tensor([s.group for s in segments], dtype=torch.long, device=a.device)
