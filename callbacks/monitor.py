@@ -34,7 +34,7 @@ class ConvergenceMonitor(pl.Callback):
         self.run_dir = Path(run_dir)
         self.datamodule = datamodule
         s = config.schedule
-        self.schedule = Schedule(s.kind, s.points_per_decade, s.every)
+        self.schedule = Schedule(s.kind, s.points_per_decade, s.every, s.first)
         self.done: list[int] = []  # analysed global steps (restored on resume)
         self.pending: int | None = None  # a step abandoned by a SIGTERM, analysed first after the resume
         self.widths: dict[str, int] | None = None

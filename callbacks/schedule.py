@@ -8,34 +8,38 @@ from dataclasses import dataclass
 SCHEDULE_KINDS = ("log", "every_n_steps", "every_n_epochs")
 
 
-def log_spaced_steps(max_step: int, points_per_decade: int) -> list[int]:
-    """Global steps 10**(i / points_per_decade), rounded, unique, from 1 up to `max_step`
+def log_spaced_steps(max_step: int, points_per_decade: int, first: int = 1) -> list[int]:
+    """Global steps 10**(i / points_per_decade), rounded, unique, from `first` up to `max_step`
     (3 per decade: 1, 2, 5, 10, 22, 46, 100, ...)."""
     steps, i = set(), 0
     while True:
         s = int(round(10 ** (i / points_per_decade)))
         if s > max_step:
             return sorted(steps)
-        steps.add(s)
+        if s >= first:
+            steps.add(s)
         i += 1
 
 
 @dataclass(frozen=True)
 class Schedule:
-    kind: str = "log"
-    points_per_decade: int = 3
-    every: int = 1
+    """`analysis.schedule` (its keys and defaults: `convergent.analysis.config.ScheduleConfig`)."""
+
+    kind: str
+    points_per_decade: int
+    every: int
+    first: int
 
     def __post_init__(self) -> None:
         if self.kind not in SCHEDULE_KINDS:
             raise ValueError(f"analysis.schedule.kind={self.kind!r}; choose one of {', '.join(SCHEDULE_KINDS)}")
-        if self.points_per_decade < 1 or self.every < 1:
-            raise ValueError("analysis.schedule.points_per_decade and analysis.schedule.every must be >= 1")
+        if self.points_per_decade < 1 or self.every < 1 or self.first < 1:
+            raise ValueError("analysis.schedule.points_per_decade, every and first must be >= 1")
 
     def due_after_step(self, step: int) -> bool:
         """After an optimiser step that brought the global step to `step`."""
         if self.kind == "log":
-            if step < 1:
+            if step < self.first:
                 return False
             x = self.points_per_decade * math.log10(step)
             candidates = (math.floor(x), math.ceil(x))

@@ -31,13 +31,14 @@ class ScheduleConfig:
     """When the monitor analyses (step 0 and the end of fit always)."""
 
     kind: str = "log"  # log (log-spaced global steps) | every_n_steps | every_n_epochs
-    points_per_decade: int = 3  # log: steps 1, 2, 5, 10, 22, 46, 100, 215, 464, ...
+    points_per_decade: int = 3  # log: steps 10**(i / points_per_decade) rounded: 1, 2, 5, 10, 22, 46, 100, 215, 464, ...
+    first: int = 10  # log: the first of those steps analysed (steps before it sit at the initialisation during the warm-up)
     every: int = 1  # every_n_steps / every_n_epochs
 
     def __post_init__(self) -> None:
         check_choice(self.kind, SCHEDULE_KINDS, "analysis.schedule.kind")
-        if self.every < 1 or self.points_per_decade < 1:
-            raise ConfigError("analysis.schedule.every and analysis.schedule.points_per_decade must be >= 1")
+        if self.every < 1 or self.points_per_decade < 1 or self.first < 1:
+            raise ConfigError("analysis.schedule.every, points_per_decade and first must be >= 1")
 
 
 @dataclass
