@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-SCHEDULE_KINDS = ("log", "every_n_steps", "every_n_epochs")
+from convergent.analysis.config import SCHEDULE_KINDS
 
 
 def log_spaced_steps(max_step: int, points_per_decade: int, first: int = 1) -> list[int]:

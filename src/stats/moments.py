@@ -366,8 +366,8 @@ class _WorkRows:
         sums go to reused buffers: fresh ones of several MB per call cost page faults that took as
         long as the arithmetic (fc layers with 10 groups: 8-300 ms per batch instead of 8)."""
         f64 = torch.float64
-        n_r = len(range(*r.indices(self.buf.shape[1 if self.per_image else 0])))
-        n_c = len(range(*c.indices(self.buf.shape[1 if self.per_image else 0])))
+        rows = self.buf.shape[1 if self.per_image else 0]
+        n_r, n_c = len(range(*r.indices(rows))), len(range(*c.indices(rows)))
         out = scratch(f"{name}.sums", (len(segments), n_r, n_c), f64, self.buf.device)
         if self.per_image:
             b = self.buf.shape[0]
