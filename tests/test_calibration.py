@@ -108,7 +108,7 @@ def population_pair(units: int, rho: float, seed: int):
     return cov
 
 
-def interval_of(measure, x: np.ndarray, y: np.ndarray, groups: int = 10) -> Calibrated:
+def interval_of(measure, x: np.ndarray, y: np.ndarray, groups: int = IntervalConfig().groups) -> Calibrated:
     m = Moments([x.shape[1], y.shape[1]], groups=groups)
     m.update(torch.from_numpy(x), torch.from_numpy(y), group=0)
     return calibrate(measure, MomentViews(LayerStats(groups=m.compute_groups()), groups, 0), [(0, 1)])
@@ -116,8 +116,8 @@ def interval_of(measure, x: np.ndarray, y: np.ndarray, groups: int = 10) -> Cali
 
 @pytest.mark.parametrize("name", ["linear_cka", "max_match"])
 def test_the_interval_covers_the_population_value(name):
-    """200 probe sets of 400 samples from a known joint Gaussian: the 95 % jackknife interval
-    covers the population value in at least 90 % of them (and is not vacuous: narrower than 0.3)."""
+    """200 probe sets of 400 samples from a known joint Gaussian: the 95 % jackknife interval (the
+    default number of groups) covers the population value in at least 90 % of them (and is not vacuous: narrower than 0.3)."""
     units, rho, n = 6, 0.6, 400
     cov = population_pair(units, rho, seed=3)
     if name == "linear_cka":

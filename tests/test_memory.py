@@ -62,7 +62,7 @@ def test_options_shrink_the_statistics():
 
 
 def test_imagenet_fc_layers_fail_fast_with_the_estimate():
-    """4 members x fc6/fc7 of 4,096 units, all pairs, 10 image groups: ~13 GiB per layer; over an 8 GiB limit."""
+    """4 members x fc6/fc7 of 4,096 units, all pairs, the default image groups: several GiB per layer; over an 8 GiB limit."""
     widths = {"fc6": 4096, "fc7": 4096}
     config = AnalysisConfig(layers=["fc6", "fc7"], analyses=["correlation"], null=NullConfig(pairs="all"))
     plan = Plan.build(config, k=4)

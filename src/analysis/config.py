@@ -59,14 +59,14 @@ class NullConfig:
 class IntervalConfig:
     """The interval over probe images of every measure: a delete-a-group jackknife."""
 
-    groups: int = 10  # probe image i is in group i mod groups (even: the fit/held-out split is even/odd groups)
+    groups: int = 6  # probe image i is in group i mod groups (even: the fit/held-out split is even/odd groups)
     level: float = 0.95  # coverage of [ci_lo, ci_hi]
 
     def __post_init__(self) -> None:
         if self.groups < 2 or self.groups % 2:
             raise ConfigError(
                 f"analysis.interval.groups={self.groups} must be even and >= 2 (its even and odd groups are the "
-                "sparse predictor's fit and held-out images); 10 is a good choice"
+                "sparse predictor's fit and held-out images); 6 is a good choice"
             )
         if not 0 < self.level < 1:
             raise ConfigError(f"analysis.interval.level={self.level} must be in (0, 1)")

@@ -236,10 +236,15 @@ class CCAResult:
         return (flatten_samples(x).to(self.dirs_b) - self.mean_b) @ self.dirs_b
 
 
-def _whitener(c: Tensor, epsilon: float, rank_tol: float, keep: float | None) -> Tensor:
-    """[C, r] matrix W with W^T c W ~ I on c's retained eigen-directions (ridge-regularised)."""
+def _eigh_descending(c: Tensor) -> tuple[Tensor, Tensor]:
     lam, vec = torch.linalg.eigh(c)
-    lam, vec = lam.flip(0), vec.flip(1)  # descending
+    return lam.flip(0), vec.flip(1)
+
+
+def _whitener(c: Tensor, epsilon: float, rank_tol: float, keep: float | None, eig: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """[C, r] matrix W with W^T c W ~ I on c's retained eigen-directions (ridge-regularised);
+    `eig`: c's eigendecomposition, descending, if already known."""
+    lam, vec = _eigh_descending(c) if eig is None else eig
     lam_max = float(lam[0]) if lam.numel() else 0.0
     if lam_max <= 0.0:
         return c.new_zeros(c.shape[0], 0)
@@ -302,9 +307,16 @@ def _whitened_cross(stats: MomentStats, a: int, b: int, epsilon: float, keep: fl
     # whitener do not depend on which net it is paired with.
     sa, sb = (math.sqrt(ta) if ta > 0.0 else 1.0), (math.sqrt(tb) if tb > 0.0 else 1.0)
     c_aa, c_bb, c_ab = c_aa / (ta if ta > 0.0 else 1.0), c_bb / (tb if tb > 0.0 else 1.0), c_ab / (sa * sb)
+
     # Whitening depends on one net only: cached on the stats (cross-layer tables reuse it).
-    wa = stats.memo(("whitener", a, epsilon, rank_tol, keep), lambda: _whitener(c_aa, epsilon, rank_tol, keep))
-    wb = stats.memo(("whitener", b, epsilon, rank_tol, keep), lambda: _whitener(c_bb, epsilon, rank_tol, keep))
+    # So is the eigendecomposition of its scaled live covariance: mean CCA and SVCCA whiten it
+    # truncated differently.
+    def whitener(net: int, c: Tensor) -> Tensor:
+        eig = stats.memo(("scaled_live_eigh", net), lambda: _eigh_descending(c))
+        return _whitener(c, epsilon, rank_tol, keep, eig)
+
+    wa = stats.memo(("whitener", a, epsilon, rank_tol, keep), lambda: whitener(a, c_aa))
+    wb = stats.memo(("whitener", b, epsilon, rank_tol, keep), lambda: whitener(b, c_bb))
     return wa.T @ c_ab @ wb, wa, wb, sa, sb
 
 

@@ -16,6 +16,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from convergent.functional.interpolate import Curve
+from convergent.monitor.plotting import log_scale
 
 METHOD_STYLE = {
     "naive": ("tab:gray", "naive"),
@@ -81,7 +82,7 @@ def convergence_figure(
     for ax, series in ((ax_rep, top), (ax_fun, bottom)):
         for key, (steps, values) in series:
             ax.plot(steps, values, "o-", ms=3, label=key)
-        ax.set_xscale("log")
+        log_scale(ax, "x", minor=False)
         ax.grid(alpha=0.3)
         if series:
             ax.legend(fontsize=6)

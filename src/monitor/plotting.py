@@ -18,7 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import LogFormatter  # noqa: E402
+from matplotlib.ticker import LogFormatter, NullLocator  # noqa: E402
 
 from convergent.analysis.builtin.sparse import l1_label  # noqa: E402
 from convergent.analysis.registry import pair_suffix  # noqa: E402
@@ -38,14 +38,18 @@ def _title(ax, text: str, fontsize: int) -> None:
     ax.set_title(text, fontsize=fontsize, y=1.0)
 
 
-def _log_scale(ax, axis: str) -> None:
+def log_scale(ax, axis: str, minor: bool = True) -> None:
     """Log scale with plain-text tick labels ("1e-06"), labelled as matplotlib's default does
     (minor ticks too on a short range): its mathtext labels ($10^{-6}$) cost more to lay out
-    than the rest of a panel."""
+    than the rest of a panel. `minor=False`: no minor ticks (on a step axis of several decades
+    they are unlabelled, and their ~30 tick objects are half of a panel's drawing time)."""
     getattr(ax, f"set_{axis}scale")("log")
     ticks = getattr(ax, f"{axis}axis")
     ticks.set_major_formatter(LogFormatter())
-    ticks.set_minor_formatter(LogFormatter(labelOnlyBase=False))
+    if minor:
+        ticks.set_minor_formatter(LogFormatter(labelOnlyBase=False))
+    else:
+        ticks.set_minor_locator(NullLocator())
 
 
 @contextlib.contextmanager
@@ -194,7 +198,7 @@ def mean_activation_figure(report: StepReport, layers: Sequence[str]) -> Figure 
     for ax, (layer, r) in zip(axes, present):
         for i, means in r.means.items():
             ax.plot(np.maximum(np.sort(means.cpu().numpy())[::-1], 1e-8), lw=1, label=f"m{i}")
-        _log_scale(ax, "y")
+        log_scale(ax, "y")
         _title(ax, layer, 8)
     axes[0].legend(fontsize=6)
     fig.suptitle(f"mean activation per unit (sorted), step {report.step}", fontsize=8)
@@ -337,7 +341,7 @@ def over_training_figure(
         if calibrated:
             above = series(key(layer, "above_null"))
             axes[0, 1].plot(above[0], above[1], "o-", ms=3, color=colour, label=layer)
-    _log_scale(ax, "x")
+    log_scale(ax, "x", minor=False)
     ax.set_xlabel("global step (step 0 drawn at 0.5)")
     ax.set_ylabel(f"{family} {name}")
     _title(ax, f"{family}/{name}: band = 95 % interval; dashed + grey: null (mean to p95); dotted: step 0", 7)
@@ -345,7 +349,7 @@ def over_training_figure(
     if calibrated:
         right = axes[0, 1]
         right.axhline(0.0, color="0.5", lw=0.6)
-        _log_scale(right, "x")
+        log_scale(right, "x", minor=False)
         right.set_xlabel("global step (step 0 drawn at 0.5)")
         right.set_ylabel("above null")
         _title(right, f"{family}/{name} above chance: (value - null) / (perfect - null)", 7)

@@ -230,7 +230,7 @@ class MomentStats(SummedStates):
 
 
 # Memo keys of quantities of one net alone: (name, net, ...) or (name, net, net, ...) for these names.
-_OWN_SINGLE = frozenset({"dead", "whitener", "debiased_hsic"})
+_OWN_SINGLE = frozenset({"dead", "whitener", "scaled_live_eigh", "debiased_hsic"})
 _OWN_PAIR = frozenset({"cov", "corr", "live_cov"})
 
 
