@@ -25,6 +25,7 @@ from torch import Tensor
 from convergent.stats.metric import SumStates
 from convergent.stats.moments import (
     CHUNK_ELEMENTS,
+    SHIFT_IMAGES,
     GroupedMomentStats,
     MomentStats,
     _full_precision_matmul,
@@ -125,7 +126,8 @@ class RepairedCross(SumStates):
         wb = cb + 2  # rows of one draw
         x = _WorkRows(ca + 2 + r * wb, n, p, work, a.device)
         ra = slice(0, ca + 2)
-        sa, sb = chunk_shift(a, work), chunk_shift(b.index_select(0, perms[0]), work)
+        # b's shift from its first re-paired images only (`chunk_shift` looks at no more)
+        sa, sb = chunk_shift(a, work), chunk_shift(b.index_select(0, perms[0, :SHIFT_IMAGES]), work)
         x.fill(slice(0, ca), a, sa, segments)
         x.rows(ca).fill_(1.0)
         x.fill_row(ca + 1, a.to(work).square().sum(1), segments)
