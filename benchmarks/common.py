@@ -143,6 +143,18 @@ def spread(ts: Sequence[float]) -> str:
     return f"{median(ts):.3g} s ({min(ts):.3g}-{max(ts):.3g}, n={len(ts)})"
 
 
+def paired_ratio(a: Sequence[float], b: Sequence[float]) -> tuple[float, str]:
+    """The median of the per-round ratios a[i] / b[i] of two `alternate`d measurements, and a text
+    with their range and the ratio of medians. The two of a round run back to back, so their ratio
+    follows the machine's drifting load better than a ratio of medians."""
+    ratios = [x / y for x, y in zip(a, b)]
+    text = (
+        f"median of {len(ratios)} per-round ratios ({min(ratios):.3g}-{max(ratios):.3g}; "
+        f"ratio of medians {median(a) / median(b):.3g})"
+    )
+    return median(ratios), text
+
+
 @contextlib.contextmanager
 def quiet_lightning():
     """No Lightning banners or data-loader hints in the middle of the table."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.common import MAIN_K, Measured, Options, alternate, median, plan, spread, stopwatch
+from benchmarks.common import MAIN_K, Measured, Options, alternate, paired_ratio, plan, spread, stopwatch
 
 IMAGE_SIZE, BATCH, PROBE = 224, 100, 500
 
@@ -53,13 +53,13 @@ def probe_pass_cost_224(options: Options, device: str = "cuda") -> Measured:
     light = stopwatch(lambda: runner.run(members, batches, device, full=False), device)
     forward = stopwatch(lambda: forward_taps(runner, members, batches, device), device)
     t_light, t_fwd = alternate([light, forward], options.pick(full=5, quick=1), warmup=1)
-    ratios = [a / b for a, b in zip(t_light, t_fwd)]
+    ratio, ratio_text = paired_ratio(t_light, t_fwd)
     return Measured(
-        median(ratios),
+        ratio,
         f"{device}; {MAIN_K} x alexnet at {IMAGE_SIZE} px ({'width 0.0625' if options.quick else 'fc6/fc7 of 4,096 units'}), "
         f"{sum(len(b[2]) for b in batches)} generated images in batches of {len(batches[0][2])}, layers conv1..fc7; "
         f"light step (moments in {runner.groups} groups + the null's {runner.draws} re-pairings, float32 products, "
-        f"TF32 off) {spread(t_light)} / forward alone {spread(t_fwd)}; median of per-round ratios",
+        f"TF32 off) {spread(t_light)} / forward alone {spread(t_fwd)}; {ratio_text}",
     )
 
 

@@ -14,6 +14,7 @@ from benchmarks.common import (
     Options,
     alternate,
     median,
+    paired_ratio,
     python_module,
     spread,
 )
@@ -43,14 +44,11 @@ def monitor_overhead(options: Options) -> Measured:
         [train_job(extra, summaries["on"]), train_job([*extra, "callbacks=none"], summaries["off"])],
         options.pick(full=3, quick=1),
     )
-    # the two jobs of a round run back to back: the median of the per-round ratios follows the
-    # machine's drifting load better than a ratio of medians (both are reported)
-    paired = [a / b for a, b in zip(ta, tb)]
+    ratio, ratio_text = paired_ratio(ta, tb)
     acc = {side: ", ".join(f"{s['val/acc']:.4f}" for s in runs) for side, runs in summaries.items()}
     return Measured(
-        median(paired),
-        f"median of {len(paired)} per-round ratios ({min(paired):.3g}-{max(paired):.3g}; ratio of medians "
-        f"{median(ta) / median(tb):.3g}); "
+        ratio,
+        f"{ratio_text}; "
         f"`{' '.join(['convergent-train', *extra])}` (the main job, every analysis) {spread(ta)}, mean member "
         f"val/acc {acc['on']} / the same with callbacks=none {spread(tb)}, val/acc {acc['off']}; "
         "whole subprocesses back to back (A B, B A, ...), W&B offline",

@@ -22,6 +22,7 @@ from benchmarks.common import (
     alternate,
     build_members,
     median,
+    paired_ratio,
     plan,
     probe_batches,
     python_module,
@@ -60,15 +61,12 @@ def probe_pass_cost(options: Options, device: str = "cpu") -> Measured:
     moments = stopwatch(lambda: runner.run(members, batches, device, full=False), device)
     light = stopwatch(lambda: with_null.run(members, batches, device, full=False), device)
     forward = stopwatch(lambda: forward_taps(runner, members, batches, device), device)
-    # the light step and the forward back to back in every round: the median of the per-round ratios
-    # follows the machine's drifting load better than a ratio of medians (both are reported)
     t_light, t_fwd, t_moments = alternate([light, forward, moments], options.pick(full=11, quick=1), warmup=1)
-    paired = [a / b for a, b in zip(t_light, t_fwd)]
+    ratio, ratio_text = paired_ratio(t_light, t_fwd)
     draws = with_null.plan.config.null.draws
     return Measured(
-        median(paired),
-        f"median of {len(paired)} per-round ratios light step / forward ({min(paired):.3g}-{max(paired):.3g}; ratio of "
-        f"medians {median(t_light) / median(t_fwd):.3g}); "
+        ratio,
+        f"light step / forward: {ratio_text}; "
         f"{device}; {MAIN_K} x alexnet_small 0.25, {n} {'generated' if options.quick else 'mnist5k'} probe images "
         f"in batches of {PROBE_BATCH}, taps of {', '.join(LAYERS)} (eval, no_grad); with a light analysis step's "
         f"statistics (moments in {with_null.groups} image groups + the null's {draws} re-pairings of the first pair, "
