@@ -241,10 +241,10 @@ def _eigh_descending(c: Tensor) -> tuple[Tensor, Tensor]:
     return lam.flip(0), vec.flip(1)
 
 
-def _whitener(c: Tensor, epsilon: float, rank_tol: float, keep: float | None, eig: tuple[Tensor, Tensor] | None = None) -> Tensor:
+def _whitener(c: Tensor, eig: tuple[Tensor, Tensor], epsilon: float, rank_tol: float, keep: float | None) -> Tensor:
     """[C, r] matrix W with W^T c W ~ I on c's retained eigen-directions (ridge-regularised);
-    `eig`: c's eigendecomposition, descending, if already known."""
-    lam, vec = _eigh_descending(c) if eig is None else eig
+    `eig`: c's eigendecomposition, descending (`_eigh_descending`)."""
+    lam, vec = eig
     lam_max = float(lam[0]) if lam.numel() else 0.0
     if lam_max <= 0.0:
         return c.new_zeros(c.shape[0], 0)
@@ -313,7 +313,7 @@ def _whitened_cross(stats: MomentStats, a: int, b: int, epsilon: float, keep: fl
     # truncated differently.
     def whitener(net: int, c: Tensor) -> Tensor:
         eig = stats.memo(("scaled_live_eigh", net), lambda: _eigh_descending(c))
-        return _whitener(c, epsilon, rank_tol, keep, eig)
+        return _whitener(c, eig, epsilon, rank_tol, keep)
 
     wa = stats.memo(("whitener", a, epsilon, rank_tol, keep), lambda: whitener(a, c_aa))
     wb = stats.memo(("whitener", b, epsilon, rank_tol, keep), lambda: whitener(b, c_bb))
