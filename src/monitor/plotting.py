@@ -27,9 +27,10 @@ from convergent.monitor.step import StepReport  # noqa: E402
 CORR_CMAP = "RdBu_r"
 
 
-def _tidy(fig: Figure) -> None:
-    """Fixed margins: matplotlib's tight_layout costs more than drawing these figures."""
-    fig.subplots_adjust(left=0.07, right=0.97, bottom=0.08, top=0.9, wspace=0.3, hspace=0.45)
+def _tidy(fig: Figure, bottom: float = 0.08) -> None:
+    """Fixed margins: matplotlib's tight_layout costs more than drawing these figures. `bottom`:
+    a single row of panels needs more room than 0.08 of its height for tick labels and x label."""
+    fig.subplots_adjust(left=0.07, right=0.97, bottom=bottom, top=0.9, wspace=0.3, hspace=0.45)
 
 
 def _title(ax, text: str, fontsize: int) -> None:
@@ -353,7 +354,7 @@ def over_training_figure(
         right.set_xlabel("global step (step 0 drawn at 0.5)")
         right.set_ylabel("above null")
         _title(right, f"{family}/{name} above chance: (value - null) / (perfect - null)", 7)
-    _tidy(fig)
+    _tidy(fig, bottom=0.16)  # one row 3.6 in high: the x label was cut off at 0.08
     return fig
 
 
